@@ -1,0 +1,164 @@
+"""
+Configuration validation: every error names the key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from wingate_map.config import Destination, parse_config, parse_map_option, load_config
+from wingate_map.errors import ConfigError
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    return [str(p) for p in info.value.problems]
+
+
+def test_minimal_mapping_defaults():
+    """
+    A mapping needs only a port; everything else has the documented safe default.
+    """
+    config = parse_config("[mappings.rdp]\nport = 3389\n")
+    [m] = config.mappings
+    assert (m.name, m.port, m.enabled, m.bind) == ("rdp", 3389, True, ("internal",))
+    assert (m.connect_timeout, m.idle_timeout, m.default) == (10.0, 0.0, ())
+    assert config.service.drain_timeout == 30.0 and config.service.audit_log is None
+
+
+def test_full_mapping():
+    """
+    Every implemented key is read into the model.
+    """
+    config = parse_config(
+        """
+        [service]
+        drain_timeout = 5
+        [interfaces]
+        eth0 = "internal"
+        eth1 = "dmz"
+        [mappings.db]
+        port = 5432
+        enabled = false
+        bind = ["eth0", "10.0.0.1", "::1", "external"]
+        connect_timeout = 2.5
+        idle_timeout = 600
+        default = [{ host = "db1.internal", port = 5432 }, { endpoint = "unix:path=/run/db.sock" }]
+        """
+    )
+    [m] = config.mappings
+    assert m.bind == ("eth0", "10.0.0.1", "::1", "external")
+    assert m.default == (Destination(host="db1.internal", port=5432), Destination(endpoint="unix:path=/run/db.sock"))
+    assert str(m.default[0]) == "db1.internal:5432" and str(m.default[1]) == "unix:path=/run/db.sock"
+    assert not m.enabled and m.connect_timeout == 2.5 and m.idle_timeout == 600
+    assert config.interface_classes() == {"eth0": "internal", "eth1": "dmz"}
+    assert config.enabled_mappings() == ()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[mappings.rdp]\n", "mappings.rdp.port: is required"),
+        ("[mappings.rdp]\nport = 0\n", "mappings.rdp.port: 0 is not a valid port; expected an integer 1-65535"),
+        ("[mappings.rdp]\nport = 70000\n", "mappings.rdp.port: 70000 is not a valid port"),
+        ("[mappings.rdp]\nport = \"3389\"\n", 'mappings.rdp.port: "3389" is not a valid port'),
+        ("[mappings.rdp]\nport = true\n", "mappings.rdp.port: true is not a valid port"),
+        ("[mappings.rdp]\nport = 1\nenabled = 1\n", "mappings.rdp.enabled: 1 is not allowed; expected true or false"),
+        ("[mappings.rdp]\nport = 1\nconnect_timeout = 0\n", "mappings.rdp.connect_timeout: 0 is out of range; expected a number of seconds > 0"),
+        ("[mappings.rdp]\nport = 1\nidle_timeout = -1\n", "mappings.rdp.idle_timeout: -1 is out of range"),
+        ("[mappings.rdp]\nport = 1\nbind = []\n", "mappings.rdp.bind: an empty list is not allowed"),
+        ("[mappings.rdp]\nport = 1\nbind = \"in ternal\"\n", 'mappings.rdp.bind: "in ternal" is not a usage class'),
+        ("[mappings.rdp]\nport = 1\nbind = [3]\n", "mappings.rdp.bind[0]: 3 is not allowed"),
+        ("[mappings.rdp]\nport = 1\ndefault = { host = \"a\" }\n", "mappings.rdp.default.port: is required"),
+        ("[mappings.rdp]\nport = 1\ndefault = { port = 1 }\n", "mappings.rdp.default.host: is required (or give endpoint)"),
+        ("[mappings.rdp]\nport = 1\ndefault = { host = \"bad host\", port = 1 }\n", 'mappings.rdp.default.host: "bad host" is not a host name or IP address'),
+        ("[mappings.rdp]\nport = 1\ndefault = [{ host = \"a\", port = 0 }]\n", "mappings.rdp.default[0].port: 0 is not a valid port"),
+        ("[mappings.rdp]\nport = 1\ndefault = []\n", "mappings.rdp.default: an empty list is not allowed"),
+        ("[mappings.rdp]\nport = 1\ndefault = \"10.0.0.1:80\"\n", "mappings.rdp.default: must be a table"),
+        ("[mappings.rdp]\nport = 1\ndefault = { endpoint = \"nonsense:x\" }\n", 'mappings.rdp.default.endpoint: "nonsense:x" is not a valid client endpoint'),
+        ("[mappings.rdp]\nport = 1\ndefault = { endpoint = \"tcp:a:80\", host = \"a\" }\n", "mappings.rdp.default: give either endpoint or host and port, not both"),
+        ("[mappings.rdp]\nprot = 1\n", 'mappings.rdp.prot: unknown key (did you mean "port"?)'),
+        ("[mapings.rdp]\nport = 1\n", 'mapings: unknown key (did you mean "mappings"?)'),
+        ("[mappings.rdp]\nport = 1\ndefault = { host = \"a\", port = 1, hots = 2 }\n", 'mappings.rdp.default.hots: unknown key (did you mean "host"?)'),
+        ("[service]\ndrain_timeout = \"30s\"\n", 'service.drain_timeout: "30s" is not allowed; expected a number of seconds >= 0'),
+        ("[service]\naudit_log = \"/nonexistent-dir/x.jsonl\"\n", 'service.audit_log: "/nonexistent-dir/x.jsonl": directory /nonexistent-dir does not exist'),
+        ("[interfaces]\neth0 = \"inside\"\n", 'interfaces.eth0: "inside" is not a usage class; expected one of internal, external, dmz'),
+        ("[mappings.\"r d p\"]\nport = 1\n", "mappings.r d p: a mapping name may use only letters"),
+        ("mappings = 3\n", "mappings: must be a table, not 3"),
+        ("[mappings.rdp]\nport = 1\ntls = { cert = \"x\" }\n", "mappings.rdp.tls: is not supported by this version"),
+        ("[mappings.rdp\nport = 1\n", "<string>: not valid TOML"),
+    ],
+)
+def test_each_error(text, expected):
+    """
+    Each kind of mistake is reported with its key path and what is allowed.
+    """
+    found = problems(text)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_all_errors_reported_at_once():
+    """
+    Every problem in a file is reported, not just the first.
+    """
+    found = problems(
+        """
+        [service]
+        drain_timeout = -1
+        [mappings.a]
+        port = 0
+        [mappings.b]
+        port = 80
+        bind = 7
+        [mappings.c]
+        colour = "blue"
+        """
+    )
+    paths = [p.split(":")[0] for p in found]
+    assert paths == ["service.drain_timeout", "mappings.a.port", "mappings.b.bind", "mappings.c.colour", "mappings.c.port"]
+
+
+def test_relative_audit_log_is_next_to_the_file(tmp_path):
+    """
+    A relative audit_log path is resolved against the configuration file's directory.
+    """
+    path = tmp_path / "wingatemap.toml"
+    path.write_text('[service]\naudit_log = "events.jsonl"\n')
+    assert load_config(str(path)).service.audit_log == str(tmp_path / "events.jsonl")
+
+
+def test_unreadable_file(tmp_path):
+    """
+    A missing file is one clear error naming it.
+    """
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "missing.toml"))
+    assert "missing.toml: cannot read configuration" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, port, bind, host, dport",
+    [
+        ("8080=db.internal:5432", 8080, ("internal",), "db.internal", 5432),
+        ("127.0.0.1:8080=10.0.0.1:80", 8080, ("127.0.0.1",), "10.0.0.1", 80),
+        ("[::1]:8080=[fd00::1]:80", 8080, ("::1",), "fd00::1", 80),
+        ("eth0:22=10.0.0.2:22", 22, ("eth0",), "10.0.0.2", 22),
+    ],
+)
+def test_map_option(text, port, bind, host, dport):
+    """
+    --map [ADDRESS:]PORT=HOST:PORT builds a mapping with a default destination.
+    """
+    m = parse_map_option(text)
+    assert (m.port, m.bind, m.default) == (port, bind, (Destination(host=host, port=dport),))
+
+
+@pytest.mark.parametrize("text", ["8080", "8080=db", "0=db:1", "8080=db:99999", "x:y:z=db:1", "8080=bad host:1"])
+def test_bad_map_option(text):
+    """
+    A malformed --map names itself and the expected form.
+    """
+    with pytest.raises(ConfigError) as info:
+        parse_map_option(text)
+    assert str(info.value).startswith(f"--map {text}: ")

@@ -1,0 +1,142 @@
+"""
+Network adapters, their usage classes, and the listeners a configuration asks for.
+
+An adapter listed in C{[interfaces]} has the usage class given there.  Otherwise an adapter that
+is loopback or has any private, link-local or unique-local address is C{internal}, and any other
+adapter (public addresses only, or no address at all) is C{external}.  C{dmz} is only ever set by
+hand.  A C{bind} list names usage classes, C{all}, adapter names or IP addresses; it resolves to
+the concrete addresses to listen on.  IPv6 link-local addresses (fe80::/10) need a scope to bind
+to, so class and adapter bindings leave them out; name one explicitly to use it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Iterable
+
+from attrs import frozen
+
+from .config import Config, format_host_port
+from .errors import BindingError
+
+
+@frozen
+class Adapter:
+    """
+    A network adapter as the kernel reports it.
+
+    @ivar addresses: its IPv4 and IPv6 addresses, without scope suffixes.
+    """
+
+    name: str
+    addresses: tuple[str, ...] = ()
+    mac: str | None = None
+
+
+@frozen
+class Listener:
+    """
+    One socket to listen on: C{address}:C{port} for mapping C{mapping}.
+    """
+
+    mapping: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_host_port(self.address, self.port)
+
+
+def list_adapters() -> tuple[Adapter, ...]:
+    """
+    The adapters of this machine and their addresses, from psutil.
+    """
+    import psutil
+
+    adapters = []
+    for name, entries in sorted(psutil.net_if_addrs().items()):
+        addresses = []
+        mac = None
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                addresses.append(entry.address.split("%", 1)[0])
+            elif entry.family == getattr(psutil, "AF_LINK", None):
+                mac = entry.address
+        adapters.append(Adapter(name=name, addresses=tuple(addresses), mac=mac))
+    return tuple(adapters)
+
+
+def _is_internal_address(text: str) -> bool:
+    address = ipaddress.ip_address(text)
+    return address.is_loopback or address.is_private or address.is_link_local
+
+
+def classify(adapter: Adapter, overrides: dict[str, str] | None = None) -> str:
+    """
+    The usage class of C{adapter}: C{internal}, C{external} or C{dmz}.
+    """
+    if overrides and adapter.name in overrides:
+        return overrides[adapter.name]
+    if any(_is_internal_address(a) for a in adapter.addresses):
+        return "internal"
+    return "external"
+
+
+def _bindable(address: str) -> bool:
+    return not ipaddress.ip_address(address).is_link_local or ipaddress.ip_address(address).version == 4
+
+
+def resolve_bind(
+    bind: Iterable[str], adapters: Iterable[Adapter], overrides: dict[str, str] | None = None
+) -> list[str]:
+    """
+    The addresses a C{bind} list stands for, in adapter order, without duplicates.
+    """
+    adapters = tuple(adapters)
+    out: dict[str, None] = {}
+    for item in bind:
+        try:
+            out[str(ipaddress.ip_address(item))] = None
+            continue
+        except ValueError:
+            pass
+        for adapter in adapters:
+            if item == "all" or item == adapter.name or item == classify(adapter, overrides):
+                for address in adapter.addresses:
+                    if _bindable(address):
+                        out[address] = None
+    return list(out)
+
+
+def plan_listeners(config: Config, adapters: Iterable[Adapter] | None = None) -> list[Listener]:
+    """
+    Every listener the enabled mappings of C{config} need on this machine.
+
+    @raise BindingError: a mapping binds to no address, or two mappings claim the same address and
+        port.  Every problem is listed.
+    """
+    adapters = tuple(list_adapters() if adapters is None else adapters)
+    overrides = config.interface_classes()
+    problems = []
+    claimed: dict[tuple[str, int], str] = {}
+    listeners = []
+    for mapping in config.enabled_mappings():
+        addresses = resolve_bind(mapping.bind, adapters, overrides)
+        if not addresses:
+            known = ", ".join(f"{a.name} ({classify(a, overrides)})" for a in adapters) or "none"
+            problems.append(
+                f"mappings.{mapping.name}.bind: {list(mapping.bind)} matches no address on this machine (adapters: {known})"
+            )
+        for address in addresses:
+            key = (address, mapping.port)
+            if key in claimed:
+                problems.append(
+                    f"mappings.{mapping.name}.port: {format_host_port(address, mapping.port)} is already used by mapping {claimed[key]}"
+                )
+                continue
+            claimed[key] = mapping.name
+            listeners.append(Listener(mapping=mapping.name, address=address, port=mapping.port))
+    if problems:
+        raise BindingError("\n".join(problems))
+    return listeners

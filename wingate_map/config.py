@@ -1,0 +1,554 @@
+"""
+Configuration: TOML text in, frozen attrs model out.
+
+Everything wrong with a file is reported at once, each problem naming its key path, the bad value
+and what is allowed; unknown keys are errors, with a "did you mean" when a known key is close.
+The model knows nothing of the runtime: no reactor, no sockets.  Paths in the file (such as
+C{audit_log}) are resolved against the directory the file is in.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import ipaddress
+import os
+import re
+import tomllib
+from typing import Any
+
+from attrs import evolve, field, frozen
+
+from .errors import ConfigError, ConfigProblem
+
+DEFAULT_CONFIG_PATH = "wingatemap.toml"
+
+USAGE_CLASSES = ("internal", "external", "dmz")
+BIND_KEYWORDS = USAGE_CLASSES + ("all",)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+
+# Keys the SPEC defines that this version does not implement yet.  They are refused loudly rather
+# than ignored: an operator who writes tls = true must not get plaintext.
+_NOT_YET = "is not supported by this version of wingatemap yet"
+_TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
+_TOP_NOT_YET = ("admin", "users", "events")
+_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers")
+_MAPPING_KEYS = (
+    "port",
+    "enabled",
+    "bind",
+    "connect_timeout",
+    "idle_timeout",
+    "default",
+    "rules",
+    "intercept",
+    "intercept_transparent",
+    "tls",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "max_connections",
+    "max_connections_per_client",
+)
+_MAPPING_NOT_YET = (
+    "rules",
+    "intercept",
+    "intercept_transparent",
+    "tls",
+    "proxy_protocol",
+    "proxy_protocol_from",
+    "max_connections",
+    "max_connections_per_client",
+)
+_DESTINATION_KEYS = (
+    "host",
+    "port",
+    "endpoint",
+    "tls",
+    "server_name",
+    "ca",
+    "verify",
+    "client_cert",
+    "client_key",
+    "min_tls",
+    "proxy_protocol",
+)
+_DESTINATION_NOT_YET = (
+    "tls",
+    "server_name",
+    "ca",
+    "verify",
+    "client_cert",
+    "client_key",
+    "min_tls",
+    "proxy_protocol",
+)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """
+    C{host:port}, with an IPv6 address in brackets.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@frozen
+class Destination:
+    """
+    Where a mapping sends a client: C{host} and C{port}, or a Twisted client C{endpoint} string.
+    """
+
+    host: str | None = None
+    port: int | None = None
+    endpoint: str | None = None
+
+    def __str__(self) -> str:
+        if self.endpoint is not None:
+            return self.endpoint
+        assert self.host is not None and self.port is not None
+        return format_host_port(self.host, self.port)
+
+
+@frozen
+class Mapping:
+    """
+    One TCP mapping: a service port on some adapters, relayed to a destination.
+
+    @ivar default: the destinations tried in order for a client no rule matches; empty when
+        unmatched clients are refused.
+    """
+
+    name: str
+    port: int
+    enabled: bool = True
+    bind: tuple[str, ...] = ("internal",)
+    connect_timeout: float = 10.0
+    idle_timeout: float = 0.0
+    default: tuple[Destination, ...] = ()
+
+
+@frozen
+class ServiceSettings:
+    """
+    The C{[service]} table.
+    """
+
+    drain_timeout: float = 30.0
+    audit_log: str | None = None
+    workers: int = 1
+
+
+@frozen
+class Config:
+    """
+    A whole, valid configuration.
+
+    @ivar interfaces: adapter name -> usage class overrides from C{[interfaces]}.
+    @ivar source: where it was read from, for messages.
+    """
+
+    service: ServiceSettings = ServiceSettings()
+    interfaces: tuple[tuple[str, str], ...] = ()
+    mappings: tuple[Mapping, ...] = ()
+    source: str = "<string>"
+
+    def interface_classes(self) -> dict[str, str]:
+        """
+        The C{[interfaces]} overrides as a dict.
+        """
+        return dict(self.interfaces)
+
+    def enabled_mappings(self) -> tuple[Mapping, ...]:
+        """
+        The mappings that should run.
+        """
+        return tuple(m for m in self.mappings if m.enabled)
+
+    def mapping(self, name: str) -> Mapping:
+        """
+        The mapping called C{name}; L{KeyError} if there is none.
+        """
+        for m in self.mappings:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def _describe(value: Any) -> str:
+    """
+    A value as the operator wrote it, for messages.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+@frozen
+class _Reader:
+    """
+    Collects problems while reading tables; one instance per file.
+    """
+
+    base_dir: str
+    problems: list[ConfigProblem] = field(factory=list)
+
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(ConfigProblem(path, message))
+
+    def check_keys(
+        self, table: dict[str, Any], path: str, known: tuple[str, ...], not_yet: tuple[str, ...] = ()
+    ) -> None:
+        for key in table:
+            where = f"{path}.{key}" if path else key
+            if key in not_yet:
+                self.error(where, _NOT_YET)
+            elif key not in known:
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                allowed = ", ".join(k for k in known if k not in not_yet)
+                self.error(where, f"unknown key{hint}; allowed here: {allowed}")
+
+    def table(self, parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+        value = parent.get(key, {})
+        if not isinstance(value, dict):
+            self.error(path, f"must be a table, not {_describe(value)}")
+            return {}
+        return value
+
+    def number(
+        self,
+        table: dict[str, Any],
+        key: str,
+        path: str,
+        default: float,
+        minimum: float = 0.0,
+        exclusive_minimum: bool = False,
+    ) -> float:
+        value = table.get(key, default)
+        allowed = f"a number of seconds {'>' if exclusive_minimum else '>='} {minimum:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.error(path, f"{_describe(value)} is not allowed; expected {allowed}")
+            return default
+        if value < minimum or (exclusive_minimum and value == minimum) or value != value:
+            self.error(path, f"{_describe(value)} is out of range; expected {allowed}")
+            return default
+        return float(value)
+
+    def integer(
+        self, table: dict[str, Any], key: str, path: str, default: int, lo: int, hi: int, what: str
+    ) -> int:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.error(path, f"{_describe(value)} is not a valid {what}; expected an integer {lo}-{hi}")
+            return default
+        return value
+
+    def boolean(self, table: dict[str, Any], key: str, path: str, default: bool) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            self.error(path, f"{_describe(value)} is not allowed; expected true or false")
+            return default
+        return value
+
+    def path_value(self, table: dict[str, Any], key: str, path: str) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.error(path, f"{_describe(value)} is not allowed; expected a file path")
+            return None
+        full = os.path.join(self.base_dir, os.path.expanduser(value))
+        parent = os.path.dirname(full) or "."
+        if not os.path.isdir(parent):
+            self.error(path, f"{_describe(value)}: directory {parent} does not exist")
+            return None
+        return full
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOST_RE.match(host)) and len(host) <= 253
+
+
+def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | None:
+    if not isinstance(value, dict):
+        reader.error(path, f"must be a table like {{ host = \"10.0.0.10\", port = 3389 }}, not {_describe(value)}")
+        return None
+    reader.check_keys(value, path, _DESTINATION_KEYS, _DESTINATION_NOT_YET)
+    endpoint = value.get("endpoint")
+    host = value.get("host")
+    if endpoint is not None:
+        if "host" in value or "port" in value:
+            reader.error(path, "give either endpoint or host and port, not both")
+            return None
+        if not isinstance(endpoint, str) or not endpoint:
+            reader.error(f"{path}.endpoint", f"{_describe(endpoint)} is not allowed; expected a Twisted client endpoint string such as \"unix:path=/run/app.sock\"")
+            return None
+        problem = check_client_endpoint(endpoint)
+        if problem:
+            reader.error(f"{path}.endpoint", f"{_describe(endpoint)} is not a valid client endpoint: {problem}")
+            return None
+        return Destination(endpoint=endpoint)
+    if host is None:
+        reader.error(f"{path}.host", "is required (or give endpoint)")
+        return None
+    if not isinstance(host, str) or not _valid_host(host):
+        reader.error(f"{path}.host", f"{_describe(host)} is not a host name or IP address")
+        return None
+    if "port" not in value:
+        reader.error(f"{path}.port", "is required")
+        return None
+    port = reader.integer(value, "port", f"{path}.port", 0, 1, 65535, "port")
+    if not port:
+        return None
+    return Destination(host=host, port=port)
+
+
+def check_client_endpoint(description: str) -> str | None:
+    """
+    Why C{description} is not a usable Twisted client endpoint string, or L{None} if it is.
+    """
+    from twisted.internet.endpoints import clientFromString
+
+    try:
+        # Parsing only stores the reactor; nothing connects here.
+        clientFromString(_NoReactor(), description)
+    except Exception as e:  # the parsers raise ValueError, KeyError, TypeError...
+        return str(e) or e.__class__.__name__
+    return None
+
+
+class _NoReactor:
+    """
+    A stand-in reactor for parsing endpoint strings without touching the real one.
+    """
+
+
+def _read_destinations(reader: _Reader, value: Any, path: str) -> tuple[Destination, ...]:
+    if isinstance(value, list):
+        if not value:
+            reader.error(path, "an empty list is not allowed; give at least one destination or leave the key out")
+            return ()
+        found = [_read_destination(reader, item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return tuple(d for d in found if d is not None)
+    found_one = _read_destination(reader, value, path)
+    return (found_one,) if found_one is not None else ()
+
+
+def _read_bind(reader: _Reader, mapping: dict[str, Any], path: str) -> tuple[str, ...]:
+    value = mapping.get("bind", "internal")
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        reader.error(path, "an empty list is not allowed; expected a usage class, \"all\", or a list of adapter names, IP addresses and usage classes")
+        return ()
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if isinstance(value, list) else path
+        if not isinstance(item, str) or not item:
+            reader.error(where, f"{_describe(item)} is not allowed; expected one of {', '.join(BIND_KEYWORDS)}, an adapter name or an IP address")
+            continue
+        if item in BIND_KEYWORDS:
+            out.append(item)
+            continue
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+            continue
+        except ValueError:
+            pass
+        if not re.match(r"^[A-Za-z0-9_.:@-]{1,15}$", item):
+            reader.error(where, f"{_describe(item)} is not a usage class ({', '.join(BIND_KEYWORDS)}), an IP address or an adapter name")
+            continue
+        out.append(item)
+    return tuple(dict.fromkeys(out))
+
+
+def _read_mapping(reader: _Reader, name: str, table: Any) -> Mapping | None:
+    path = f"mappings.{name}"
+    if not isinstance(table, dict):
+        reader.error(path, f"must be a table, not {_describe(table)}")
+        return None
+    if not _NAME_RE.match(name):
+        reader.error(path, "a mapping name may use only letters, digits, \"_\" and \"-\" and must start with a letter or digit")
+    reader.check_keys(table, path, _MAPPING_KEYS, _MAPPING_NOT_YET)
+    if "port" not in table:
+        reader.error(f"{path}.port", "is required; expected an integer 1-65535")
+        port = 0
+    else:
+        port = reader.integer(table, "port", f"{path}.port", 0, 1, 65535, "port")
+    enabled = reader.boolean(table, "enabled", f"{path}.enabled", True)
+    bind = _read_bind(reader, table, f"{path}.bind")
+    connect_timeout = reader.number(table, "connect_timeout", f"{path}.connect_timeout", 10.0, 0.0, exclusive_minimum=True)
+    idle_timeout = reader.number(table, "idle_timeout", f"{path}.idle_timeout", 0.0)
+    default: tuple[Destination, ...] = ()
+    if "default" in table:
+        default = _read_destinations(reader, table["default"], f"{path}.default")
+    if not port:
+        return None
+    return Mapping(
+        name=name,
+        port=port,
+        enabled=enabled,
+        bind=bind,
+        connect_timeout=connect_timeout,
+        idle_timeout=idle_timeout,
+        default=default,
+    )
+
+
+def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
+    reader = _Reader(base_dir)
+    reader.check_keys(data, "", _TOP_KEYS, _TOP_NOT_YET)
+
+    service_table = reader.table(data, "service", "service")
+    reader.check_keys(service_table, "service", _SERVICE_KEYS)
+    drain_timeout = reader.number(service_table, "drain_timeout", "service.drain_timeout", 30.0)
+    audit_log = reader.path_value(service_table, "audit_log", "service.audit_log")
+    workers = reader.integer(service_table, "workers", "service.workers", 1, 1, 256, "number of workers")
+    if workers != 1:
+        reader.error("service.workers", f"{workers}: more than one worker {_NOT_YET}; use 1")
+
+    interfaces = []
+    for adapter, usage in reader.table(data, "interfaces", "interfaces").items():
+        if usage not in USAGE_CLASSES:
+            reader.error(f"interfaces.{adapter}", f"{_describe(usage)} is not a usage class; expected one of {', '.join(USAGE_CLASSES)}")
+        else:
+            interfaces.append((adapter, usage))
+
+    mappings = []
+    for name, table in reader.table(data, "mappings", "mappings").items():
+        mapping = _read_mapping(reader, name, table)
+        if mapping is not None:
+            mappings.append(mapping)
+
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return Config(
+        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers),
+        interfaces=tuple(interfaces),
+        mappings=tuple(mappings),
+        source=source,
+    )
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: str | None = None) -> Config:
+    """
+    Parse and validate configuration C{text}.
+
+    @param base_dir: the directory relative paths are resolved against (default: the current one).
+    @raise ConfigError: listing every problem found.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([ConfigProblem("", f"{source}: not valid TOML: {e}")]) from None
+    return _read_document(data, base_dir or os.getcwd(), source)
+
+
+def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
+    """
+    Read, parse and validate the configuration file at C{path}.
+
+    @raise ConfigError: the file cannot be read or is invalid.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError([ConfigProblem("", f"{path}: cannot read configuration: {e.strerror or e}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([ConfigProblem("", f"{path}: not UTF-8 text: {e}")]) from None
+    return parse_config(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def _split_host_port(text: str) -> tuple[str, str] | None:
+    """
+    C{"host:port"} or C{"[v6]:port"} -> (host, port text).
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            return None
+        return text[1:end], text[end + 2 :]
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or ":" in host:
+        return None
+    return host, port
+
+
+def parse_map_option(text: str) -> Mapping:
+    """
+    A quick mapping from C{--map [ADDRESS:]PORT=HOST:PORT}.
+
+    Without ADDRESS the mapping binds to the internal adapters, as a configured one would.
+
+    @raise ConfigError: naming the option and what is allowed.
+    """
+    where = f"--map {text}"
+    usage = "expected [ADDRESS:]PORT=HOST:PORT, e.g. 8080=db.internal:5432 or 127.0.0.1:8080=[::1]:80"
+    listen, sep, target = text.partition("=")
+    if not sep:
+        raise ConfigError([ConfigProblem(where, usage)])
+    problems = []
+    bind: tuple[str, ...] = ("internal",)
+    listen_port = listen
+    if listen.startswith("[") or listen.count(":") == 1 or "]" in listen:
+        split = _split_host_port(listen)
+        if split is None:
+            raise ConfigError([ConfigProblem(where, usage)])
+        address, listen_port = split
+        try:
+            bind = (str(ipaddress.ip_address(address)),)
+        except ValueError:
+            if address in BIND_KEYWORDS or re.match(r"^[A-Za-z0-9_.@-]{1,15}$", address):
+                bind = (address,)
+            else:
+                problems.append(ConfigProblem(where, f"{address!r} is not an IP address, adapter name or usage class"))
+    if not listen_port.isdigit() or not 1 <= int(listen_port) <= 65535:
+        problems.append(ConfigProblem(where, f"listening port {listen_port!r} is not an integer 1-65535"))
+    split = _split_host_port(target)
+    if split is None:
+        problems.append(ConfigProblem(where, f"destination {target!r}: {usage}"))
+    else:
+        host, port = split
+        if not _valid_host(host):
+            problems.append(ConfigProblem(where, f"destination host {host!r} is not a host name or IP address"))
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            problems.append(ConfigProblem(where, f"destination port {port!r} is not an integer 1-65535"))
+    if problems:
+        raise ConfigError(problems)
+    assert split is not None
+    return Mapping(
+        name=f"map-{int(listen_port)}",
+        port=int(listen_port),
+        bind=bind,
+        default=(Destination(host=split[0], port=int(split[1])),),
+    )
+
+
+def with_mappings(config: Config, extra: list[Mapping] | tuple[Mapping, ...]) -> Config:
+    """
+    C{config} with C{extra} mappings added (from C{--map}); a name already taken gets a suffix.
+    """
+    names = {m.name for m in config.mappings}
+    added = []
+    for mapping in extra:
+        name, n = mapping.name, 1
+        while name in names:
+            n += 1
+            name = f"{mapping.name}-{n}"
+        names.add(name)
+        added.append(evolve(mapping, name=name))
+    return evolve(config, mappings=config.mappings + tuple(added))
+

@@ -1,0 +1,171 @@
+"""
+The events ClientConnect and ClientDisconnect, and who hears them.
+
+Each event goes, in order, to every subscribed L{IEventSink}: the structured log, the audit log
+(one JSON object per line) and whatever an embedding application subscribed.  A ClientConnect
+sink may veto the session; the first veto stops the chain and the session ends with reason
+C{blocked}.  ClientDisconnect sinks can never delay or change anything.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from .interfaces import IEventSink
+
+_log = Logger()
+
+
+class EventHub:
+    """
+    Delivers events to the subscribed sinks, in subscription order.
+    """
+
+    def __init__(self, sinks: list[IEventSink] | tuple[IEventSink, ...] = ()) -> None:
+        self._sinks: list[IEventSink] = []
+        for sink in sinks:
+            self.subscribe(sink)
+
+    @property
+    def sinks(self) -> tuple[IEventSink, ...]:
+        """
+        The subscribed sinks, in order.
+        """
+        return tuple(self._sinks)
+
+    def subscribe(self, sink: IEventSink) -> None:
+        """
+        Add C{sink} at the end of the chain.
+        """
+        verifyObject(IEventSink, sink)
+        self._sinks.append(sink)
+
+    def unsubscribe(self, sink: IEventSink) -> None:
+        """
+        Remove C{sink}; nothing happens if it was not subscribed.
+        """
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    def client_connect(self, event: dict[str, Any]) -> Deferred[bool]:
+        """
+        Offer ClientConnect to each sink in turn.
+
+        @return: a Deferred firing with C{True} when every sink allowed the session, C{False} at
+            the first that blocked it (by returning C{False}, or by failing, which is logged).
+        """
+        sinks = list(self._sinks)
+
+        def next_sink(index: int) -> Deferred[bool] | bool:
+            while index < len(sinks):
+                sink = sinks[index]
+                try:
+                    result = sink.client_connect(dict(event))
+                except Exception:
+                    _log.failure("event sink {sink!r} failed on ClientConnect of session {session}; blocking it", sink=sink, session=event["session"])
+                    return False
+                if isinstance(result, Deferred):
+                    return result.addCallbacks(
+                        lambda allowed, i=index: next_sink(i + 1) if allowed is not False else False,
+                        lambda failure, s=sink: _blocked_by_failure(failure, s, event),
+                    )
+                if result is False:
+                    return False
+                index += 1
+            return True
+
+        return maybeDeferred(next_sink, 0) if sinks else succeed(True)
+
+    def client_disconnect(self, event: dict[str, Any]) -> None:
+        """
+        Tell each sink about ClientDisconnect; failures are logged, never raised.
+        """
+        for sink in list(self._sinks):
+            try:
+                result = sink.client_disconnect(dict(event))
+            except Exception:
+                _log.failure("event sink {sink!r} failed on ClientDisconnect of session {session}", sink=sink, session=event["session"])
+                continue
+            if isinstance(result, Deferred):
+                result.addErrback(
+                    lambda f, s=sink: _log.failure("event sink {sink!r} failed on ClientDisconnect of session {session}", f, sink=s, session=event["session"])
+                )
+
+
+def _blocked_by_failure(failure: Failure, sink: IEventSink, event: dict[str, Any]) -> bool:
+    _log.failure("event sink {sink!r} failed on ClientConnect of session {session}; blocking it", failure, sink=sink, session=event["session"])
+    return False
+
+
+def _describe_destination(event: dict[str, Any]) -> str:
+    return event["destination"] or "(none)"
+
+
+@implementer(IEventSink)
+class LogSink:
+    """
+    Events as structured twisted.logger events (every field is a key of the log event).
+    """
+
+    log = Logger(namespace="wingate_map.events")
+
+    def client_connect(self, event: dict[str, Any]) -> None:
+        """
+        Log ClientConnect.
+        """
+        self.log.info(
+            "ClientConnect {session} mapping={mapping} client={client_ip}:{client_port} "
+            "user={user} ({identity}) rule={rule} destination={destination}",
+            **event,
+        )
+
+    def client_disconnect(self, event: dict[str, Any]) -> None:
+        """
+        Log ClientDisconnect.
+        """
+        self.log.info(
+            "ClientDisconnect {session} mapping={mapping} client={client_ip}:{client_port} "
+            "destination={destination} reason={reason} bytes_from_client={bytes_from_client} "
+            "bytes_to_client={bytes_to_client} duration={duration}",
+            **event,
+        )
+
+
+@implementer(IEventSink)
+class AuditLogSink:
+    """
+    Every event as one JSON object on a line of a file, appended and flushed as it happens.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def _write(self, event: dict[str, Any]) -> None:
+        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def client_connect(self, event: dict[str, Any]) -> None:
+        """
+        Append ClientConnect.
+        """
+        self._write(event)
+
+    def client_disconnect(self, event: dict[str, Any]) -> None:
+        """
+        Append ClientDisconnect.
+        """
+        self._write(event)
+
+    def close(self) -> None:
+        """
+        Close the file.
+        """
+        self._file.close()

@@ -1,0 +1,430 @@
+"""
+The relay: a thin Protocol pair joining an accepted client to its destination.
+
+The client's transport is paused at accept, the rule service decides, the ClientConnect sinks
+allow, the destination is connected (trying each destination of a failover list in turn), and
+only then is the client resumed; so no client byte is read before the session is allowed.  Each
+transport is registered as the other's streaming producer, so a slow reader pauses the fast
+writer and memory stays bounded.  A FIN from either side is passed on as a half-close while the
+other direction keeps flowing; the session ends when both directions are done, or at once when
+one side resets (the reset is passed on, so a truncated stream never looks complete).
+Decisions live behind interfaces (L{IRuleService}, L{IDestinationEndpointFactory},
+L{IEventSink}); this module only moves bytes and keeps the session's accounts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .config import Destination, Mapping
+from .events import EventHub
+from .interfaces import IDestinationEndpointFactory, IRuleService
+from .rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
+from .sessions import Session, SessionRegistry
+
+_log = Logger()
+
+
+@define
+class MappingRuntime:
+    """
+    Everything the connections of one mapping need; swapped as a whole on reload.
+    """
+
+    mapping: Mapping
+    rules: IRuleService
+    endpoints: IDestinationEndpointFactory
+    events: EventHub
+    sessions: SessionRegistry
+    clock: IReactorTime
+
+
+def _tune(transport: Any) -> None:
+    """
+    TCP keepalive (dead peers are found) and no Nagle delay (the relay adds no latency) on a leg.
+    """
+    for option in ("setTcpKeepAlive", "setTcpNoDelay"):
+        setter = getattr(transport, option, None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+
+
+def _address(address: Any) -> tuple[str, int]:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return (str(getattr(address, "name", "") or ""), 0)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    return (host, port or 0)
+
+
+class RelayFactory(Factory):
+    """
+    Builds a L{RelayProtocol} for every client accepted on one of a mapping's listeners.
+
+    @ivar runtime: the L{MappingRuntime} new connections use; replace it to change what new
+        connections get without touching live ones.
+    """
+
+    noisy = False
+
+    def __init__(self, runtime: MappingRuntime) -> None:
+        self.runtime = runtime
+
+    def buildProtocol(self, addr: Any) -> "RelayProtocol":
+        protocol = RelayProtocol(self.runtime)
+        protocol.factory = self
+        return protocol
+
+    def logPrefix(self) -> str:
+        return f"wingatemap:{self.runtime.mapping.name}"
+
+
+@implementer(IHalfCloseableProtocol)
+class DestinationProtocol(Protocol):
+    """
+    The destination leg: everything it receives goes to the client.
+    """
+
+    def __init__(self, relay: "RelayProtocol") -> None:
+        self.relay = relay
+
+    def connectionMade(self) -> None:
+        _tune(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.destination_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay.destination_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.relay.destination_lost(reason)
+
+
+class _DestinationFactory(Factory):
+    noisy = False
+
+    def __init__(self, relay: "RelayProtocol") -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr: Any) -> DestinationProtocol:
+        return DestinationProtocol(self.relay)
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(Protocol):
+    """
+    The client leg of a session, and the session's owner.
+    """
+
+    peer: DestinationProtocol | None = None
+    session: Session
+
+    noisy = False
+
+    def __init__(self, runtime: MappingRuntime) -> None:
+        self.runtime = runtime
+        self._decision: Decision | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._deciding = True
+        self._client_eof = False
+        self._dest_eof = False
+        self._client_lost = False
+        self._dest_lost = False
+        self._ended = False
+        self._reason: str | None = None  # set by whatever ended the session on purpose
+        self._first_close: str | None = None  # which side closed first, when nothing else did
+        self._idle_call: Any = None
+        self._last_activity = 0.0
+        self._track_idle = runtime.mapping.idle_timeout > 0
+
+    # -- accept and decide -------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        _tune(self.transport)
+        runtime = self.runtime
+        client_ip, client_port = _address(self.transport.getPeer())
+        local_ip, local_port = _address(self.transport.getHost())
+        self.session = Session(
+            id=runtime.sessions.new_id(),
+            mapping=runtime.mapping.name,
+            client_ip=client_ip,
+            client_port=client_port,
+            local_ip=local_ip,
+            local_port=local_port,
+            started=runtime.clock.seconds(),
+        )
+        self.session.terminate = self.terminate
+        runtime.sessions.add(self.session)
+        client = ClientInfo(
+            mapping=runtime.mapping.name,
+            client_ip=client_ip,
+            client_port=client_port,
+            local_ip=local_ip,
+            local_port=local_port,
+        )
+        d = maybeDeferred(runtime.rules.decide, client)
+        d.addCallback(self._decided)
+        d.addErrback(self._internal_error)
+
+    def _decided(self, decision: Decision) -> Deferred[None]:
+        self._decision = decision
+        session = self.session
+        session.user = decision.identity.user
+        session.identity = decision.identity.level
+        session.rule = decision.rule
+        if decision.action == CONNECT and decision.destinations:
+            session.destination = str(decision.destinations[0])
+        d = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()))
+        return d.addCallback(self._allowed)
+
+    def _allowed(self, allowed: bool) -> None:
+        self._deciding = False
+        decision = self._decision
+        assert decision is not None
+        if self._client_lost or self._reason is not None:
+            self._maybe_finish()
+        elif decision.action == REJECT:
+            self._refuse("rejected")
+        elif decision.action == NO_DESTINATION or not decision.destinations:
+            self._refuse("no-destination")
+        elif not allowed:
+            self._refuse("blocked")
+        else:
+            self._connect(0)
+
+    def _internal_error(self, failure: Failure) -> None:
+        _log.failure("mapping {mapping}: session {session} failed while choosing a destination", failure, mapping=self.runtime.mapping.name, session=self.session.id)
+        self._deciding = False
+        if self._client_lost:
+            self._maybe_finish()
+        else:
+            self._refuse("no-destination")
+
+    def _refuse(self, reason: str) -> None:
+        self._reason = self._reason or reason
+        self.transport.loseConnection()
+
+    # -- connect, with failover --------------------------------------------------------------
+
+    def _connect(self, index: int) -> None:
+        assert self._decision is not None
+        destination = self._decision.destinations[index]
+        runtime = self.runtime
+        timeout = runtime.mapping.connect_timeout
+        timed_out = []
+        try:
+            endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout)
+            d = endpoint.connect(_DestinationFactory(self))
+        except Exception:
+            d = Deferred()
+            d.errback()
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = runtime.clock.callLater(timeout, expire)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            self._connecting = None
+            return result
+
+        self._connecting = d
+        d.addBoth(settled)
+        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(destination,), errbackArgs=(index, timed_out))
+        d.addErrback(self._relay_error)
+
+    def _connected(self, protocol: DestinationProtocol, destination: Destination) -> None:
+        self.peer = protocol
+        self.session.destination = str(destination)
+        if self._client_lost or self._ended:
+            protocol.transport.abortConnection()
+            return
+        self.transport.registerProducer(protocol.transport, True)
+        protocol.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+        if self._track_idle:
+            self._last_activity = self.runtime.clock.seconds()
+            self._idle_call = self.runtime.clock.callLater(self.runtime.mapping.idle_timeout, self._idle_check)
+
+    def _connect_failed(self, failure: Failure, index: int, timed_out: list[bool]) -> None:
+        if self._client_lost or self._ended or self._reason is not None:
+            self._maybe_finish()
+            return
+        assert self._decision is not None
+        destination = self._decision.destinations[index]
+        reason = "connect-timeout" if timed_out or failure.check(TimeoutError) else "connect-failed"
+        why = f"no connection within {self.runtime.mapping.connect_timeout:g}s" if timed_out else failure.getErrorMessage()
+        if failure.check(CancelledError, ConnectingCancelledError) and not timed_out:
+            why = "cancelled"
+        _log.warn(
+            "mapping {mapping}: session {session}: cannot connect to {destination}: {why}",
+            mapping=self.runtime.mapping.name,
+            session=self.session.id,
+            destination=str(destination),
+            why=why,
+        )
+        if index + 1 < len(self._decision.destinations):
+            self._connect(index + 1)
+        else:
+            self._refuse(reason)
+
+    def _relay_error(self, failure: Failure) -> None:
+        _log.failure("mapping {mapping}: session {session}: internal error", failure, mapping=self.runtime.mapping.name, session=self.session.id)
+        self.terminate("connect-failed")
+
+    # -- bytes -------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.session.bytes_from_client += len(data)
+        if self._track_idle:
+            self._last_activity = self.runtime.clock.seconds()
+        assert self.peer is not None
+        self.peer.transport.write(data)
+
+    def destination_data(self, data: bytes) -> None:
+        """
+        The destination sent C{data}: pass it to the client.
+        """
+        self.session.bytes_to_client += len(data)
+        if self._track_idle:
+            self._last_activity = self.runtime.clock.seconds()
+        self.transport.write(data)
+
+    # -- half-close --------------------------------------------------------------------------
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent FIN: pass it on once what it sent has been written.
+        """
+        if self._client_eof:
+            return
+        self._client_eof = True
+        self._first_close = self._first_close or "client-closed"
+        peer = self.peer
+        if peer is None or self._dest_lost:
+            self.transport.loseConnection()
+            return
+        peer.transport.unregisterProducer()
+        peer.transport.loseWriteConnection()
+        if self._dest_eof:
+            self._close_both()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def destination_eof(self) -> None:
+        """
+        The destination sent FIN: pass it on to the client.
+        """
+        if self._dest_eof:
+            return
+        self._dest_eof = True
+        self._first_close = self._first_close or "destination-closed"
+        if self._client_lost:
+            return
+        self.transport.unregisterProducer()
+        self.transport.loseWriteConnection()
+        if self._client_eof:
+            self._close_both()
+
+    def _close_both(self) -> None:
+        client, peer = self.transport, self.peer
+        if peer is not None and not self._dest_lost:
+            peer.transport.unregisterProducer()
+            peer.transport.loseConnection()
+        if not self._client_lost:
+            client.unregisterProducer()
+            client.loseConnection()
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._client_lost = True
+        self._first_close = self._first_close or "client-closed"
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        elif self.peer is not None and not self._dest_lost:
+            transport = self.peer.transport
+            transport.unregisterProducer()
+            if reason.check(ConnectionDone) or self._client_eof:
+                transport.loseConnection()
+            else:
+                transport.abortConnection()
+        self._maybe_finish()
+
+    def destination_lost(self, reason: Failure) -> None:
+        """
+        The destination leg is closed.
+        """
+        self._dest_lost = True
+        self._first_close = self._first_close or "destination-closed"
+        if not self._client_lost:
+            self.transport.unregisterProducer()
+            if reason.check(ConnectionDone) or self._dest_eof:
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
+        self._maybe_finish()
+
+    def terminate(self, reason: str) -> None:
+        """
+        End the session now with C{reason} (killed, shutdown, idle-timeout...), dropping what
+        is still buffered.
+        """
+        if self._ended:
+            return
+        self._reason = self._reason or reason
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self.peer is not None and not self._dest_lost:
+            self.peer.transport.unregisterProducer()
+            self.peer.transport.abortConnection()
+        if not self._client_lost:
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+
+    def _idle_check(self) -> None:
+        timeout = self.runtime.mapping.idle_timeout
+        idle = self.runtime.clock.seconds() - self._last_activity
+        if idle >= timeout:
+            self._idle_call = None
+            _log.info("mapping {mapping}: session {session} idle for {idle:.0f}s; closing", mapping=self.runtime.mapping.name, session=self.session.id, idle=idle)
+            self.terminate("idle-timeout")
+        else:
+            self._idle_call = self.runtime.clock.callLater(timeout - idle, self._idle_check)
+
+    def _maybe_finish(self) -> None:
+        if self._ended or self._deciding or not self._client_lost:
+            return
+        if self._connecting is not None or (self.peer is not None and not self._dest_lost):
+            return
+        self._ended = True
+        session = self.session
+        session.reason = self._reason or self._first_close or "client-closed"
+        session.terminate = None
+        self.runtime.sessions.remove(session)
+        self.runtime.events.client_disconnect(session.disconnect_event(self.runtime.clock.seconds()))

@@ -1,0 +1,182 @@
+"""
+Live sessions: one per accepted connection, from accept to the last byte.
+
+The registry is what the drain at shutdown waits on, what the admin API lists and kills, and
+where the ClientConnect / ClientDisconnect fields come from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.internet.defer import Deferred
+
+REASONS = (
+    "client-closed",
+    "destination-closed",
+    "rejected",
+    "no-destination",
+    "connect-failed",
+    "connect-timeout",
+    "tls-failed",
+    "idle-timeout",
+    "limit",
+    "blocked",
+    "killed",
+    "shutdown",
+)
+
+
+def utc_iso(seconds: float) -> str:
+    """
+    C{seconds} since the epoch as UTC ISO 8601 with milliseconds, e.g. C{2026-11-26T10:00:00.000Z}.
+    """
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+@define(eq=False)
+class Session:
+    """
+    One accepted connection and what has happened to it so far.
+
+    @ivar terminate: ends the session at once with the given reason (set by the relay).
+    """
+
+    id: str
+    mapping: str
+    client_ip: str
+    client_port: int
+    local_ip: str
+    local_port: int
+    started: float
+    original_dst: str | None = None
+    tls: bool = False
+    user: str | None = None
+    identity: str | None = None
+    destination: str | None = None
+    rule: int | str | None = None
+    bytes_from_client: int = 0
+    bytes_to_client: int = 0
+    reason: str | None = None
+    terminate: Callable[[str], object] | None = field(default=None, repr=False)
+
+    def fields(self, event: str, now: float) -> dict[str, Any]:
+        """
+        The fields every event of this session carries.
+        """
+        return {
+            "event": event,
+            "time": utc_iso(now),
+            "session": self.id,
+            "mapping": self.mapping,
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "user": self.user,
+            "identity": self.identity,
+            "local_ip": self.local_ip,
+            "local_port": self.local_port,
+            "original_dst": self.original_dst,
+            "destination": self.destination,
+            "tls": self.tls,
+            "rule": self.rule,
+        }
+
+    def connect_event(self, now: float) -> dict[str, Any]:
+        """
+        The ClientConnect event.
+        """
+        return self.fields("ClientConnect", now)
+
+    def disconnect_event(self, now: float) -> dict[str, Any]:
+        """
+        The ClientDisconnect event: ClientConnect's fields, byte counts, duration and reason.
+        """
+        fields = self.fields("ClientDisconnect", now)
+        fields["bytes_from_client"] = self.bytes_from_client
+        fields["bytes_to_client"] = self.bytes_to_client
+        fields["duration"] = round(max(0.0, now - self.started), 6)
+        fields["reason"] = self.reason
+        return fields
+
+
+@define
+class SessionRegistry:
+    """
+    The live sessions of a service.
+    """
+
+    _live: dict[str, Session] = field(factory=dict)
+    _prefix: str = field(factory=lambda: secrets.token_hex(4))
+    _counter: Any = field(factory=lambda: itertools.count(1))
+    _empty_waiters: list[Deferred[None]] = field(factory=list)
+
+    def new_id(self) -> str:
+        """
+        A session id unique to this process (and, by its random prefix, very likely beyond).
+        """
+        return f"{self._prefix}-{next(self._counter)}"
+
+    def add(self, session: Session) -> None:
+        """
+        Start tracking C{session}.
+        """
+        self._live[session.id] = session
+
+    def remove(self, session: Session) -> None:
+        """
+        C{session} is over.
+        """
+        self._live.pop(session.id, None)
+        if not self._live:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def live(self) -> list[Session]:
+        """
+        The live sessions, oldest first.
+        """
+        return list(self._live.values())
+
+    def get(self, session_id: str) -> Session | None:
+        """
+        The live session with this id, if any.
+        """
+        return self._live.get(session_id)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def kill(self, session_id: str, reason: str = "killed") -> bool:
+        """
+        End a live session; C{False} if there is no such session.
+        """
+        session = self._live.get(session_id)
+        if session is None or session.terminate is None:
+            return False
+        session.terminate(reason)
+        return True
+
+    def terminate_all(self, reason: str) -> None:
+        """
+        End every live session with C{reason}.
+        """
+        for session in list(self._live.values()):
+            if session.terminate is not None:
+                session.terminate(reason)
+
+    def when_empty(self) -> Deferred[None]:
+        """
+        A Deferred that fires once no session is live (at once if none is).
+        """
+        d: Deferred[None] = Deferred()
+        if not self._live:
+            d.callback(None)
+        else:
+            self._empty_waiters.append(d)
+        return d

@@ -1,0 +1,110 @@
+"""
+twistd integration: C{twistd -n wingatemap run --config FILE} or C{--map [ADDRESS:]PORT=HOST:PORT}.
+
+L{makeService} only composes; the same builder serves twistd, C{.tac} files and embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.python import usage
+
+from .bindings import plan_listeners
+from .config import DEFAULT_CONFIG_PATH, Config, load_config, parse_map_option, with_mappings
+from .errors import WingateMapError
+
+
+class RunOptions(usage.Options):
+    """
+    Options of C{wingatemap run}.
+    """
+
+    synopsis = "[--config FILE] [--map [ADDRESS:]PORT=HOST:PORT ...]"
+    longdesc = (
+        "Run every enabled mapping of the configuration file (default ./wingatemap.toml). "
+        "--map adds a quick mapping; with --map and no --config, no file is read."
+    )
+    optParameters = [["config", "c", None, f"configuration file (default: ./{DEFAULT_CONFIG_PATH})"]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["maps"] = []
+        self.loaded: Config | None = None
+
+    def opt_map(self, value: str) -> None:
+        """
+        A quick mapping [ADDRESS:]PORT=HOST:PORT (repeatable), e.g. 8080=db.internal:5432.
+        """
+        self["maps"].append(value)
+
+    def postOptions(self) -> None:
+        try:
+            self.loaded = build_config(self["config"], self["maps"])
+        except WingateMapError as e:
+            raise usage.UsageError(f"invalid configuration:\n{e}") from None
+
+
+def build_config(path: str | None, maps: list[str]) -> Config:
+    """
+    The configuration from C{path} (default ./wingatemap.toml, unless only C{maps} are given)
+    plus the C{--map} mappings, checked against this machine's adapters.
+
+    @raise WingateMapError: anything wrong, every problem listed.
+    """
+    from .errors import ConfigError
+
+    config = Config(source="--map")
+    if path is not None or not maps:
+        config = load_config(path or DEFAULT_CONFIG_PATH)
+    extra = []
+    problems = []
+    for text in maps:
+        try:
+            extra.append(parse_map_option(text))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    config = with_mappings(config, extra)
+    plan_listeners(config)
+    return config
+
+
+class Options(usage.Options):
+    """
+    C{twistd wingatemap} options: a subcommand is required.
+    """
+
+    synopsis = "run [--config FILE] [--map [ADDRESS:]PORT=HOST:PORT ...]"
+    subCommands = [["run", None, RunOptions, "Run every enabled mapping"]]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("a subcommand is required: run")
+
+
+def _quiet_excepthook(original: Any) -> Any:
+    def hook(kind: type, value: BaseException, tb: Any) -> None:
+        if isinstance(value, WingateMapError):
+            sys.stderr.write(f"wingatemap: error: {value}\n")
+        else:
+            original(kind, value, tb)
+
+    return hook
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """
+    The service for C{twistd wingatemap run}.
+    """
+    from .service import WingateMapService
+
+    run = options.subOptions
+    assert run is not None and run.loaded is not None
+    if os.environ.get("WINGATEMAP_TRACEBACKS") is None:
+        # A bind failure at start is an operator's error, not a crash: say it in one line.
+        sys.excepthook = _quiet_excepthook(sys.excepthook)
+    return WingateMapService(run.loaded, reactor=reactor)
