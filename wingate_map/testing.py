@@ -134,6 +134,7 @@ class RecordingSink:
 
     events: list[dict[str, Any]] = field(factory=list)
     allow: Any = True
+    _waiters: list[tuple[int, Deferred[list[dict[str, Any]]]]] = field(factory=list)
 
     def client_connect(self, event: dict[str, Any]) -> Any:
         """
@@ -147,6 +148,22 @@ class RecordingSink:
         Record ClientDisconnect.
         """
         self.events.append(event)
+        done = self.of("ClientDisconnect")
+        for waiter in list(self._waiters):
+            if len(done) >= waiter[0]:
+                self._waiters.remove(waiter)
+                waiter[1].callback(done)
+
+    def disconnects(self, count: int = 1) -> Deferred[list[dict[str, Any]]]:
+        """
+        A Deferred firing with the ClientDisconnect events once C{count} have been recorded.
+        """
+        done = self.of("ClientDisconnect")
+        if len(done) >= count:
+            return succeed(done)
+        d: Deferred[list[dict[str, Any]]] = Deferred()
+        self._waiters.append((count, d))
+        return d
 
     def of(self, name: str) -> list[dict[str, Any]]:
         """

@@ -1,0 +1,391 @@
+"""
+The relay over real sockets on loopback: payloads intact, half-close, failures, load, memory and
+file descriptors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+
+from wingate_map.errors import BindError
+
+from .helpers import (
+    EchoProtocol,
+    Peer,
+    PeerFactory,
+    buffered,
+    free_port,
+    mapping_config,
+    open_fds,
+    relay_of,
+    start_service,
+    wait_for,
+)
+
+MB = 1024 * 1024
+
+
+def reactor():
+    from twisted.internet import reactor as r
+
+    return r
+
+
+@defer.inlineCallbacks
+def listen(factory, host="127.0.0.1"):
+    port = yield TCP4ServerEndpoint(reactor(), 0, backlog=1024, interface=host).listen(factory)
+    return port
+
+
+def port_open(port, host="127.0.0.1"):
+    """
+    Whether something accepts connections on host:port.
+    """
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return True
+    except ConnectionRefusedError:
+        return False
+
+
+def connect(port, peer, host="127.0.0.1"):
+    return connectProtocol(TCP4ClientEndpoint(reactor(), host, port), peer)
+
+
+@pytest_twisted.inlineCallbacks
+def test_50mb_both_ways_intact():
+    """
+    50 MB of random bytes each way arrive unchanged (same SHA-256) and are counted exactly.
+    """
+    up, down = os.urandom(50 * MB), os.urandom(50 * MB)
+    servers = PeerFactory(payload=down)
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        client = Peer(payload=up)
+        yield connect(port, client)
+        yield client.lost
+        server = servers.peers[0]
+        yield server.lost
+        [event] = yield sink.disconnects(1)
+        assert client.digest.hexdigest() == hashlib.sha256(down).hexdigest()
+        assert server.digest.hexdigest() == hashlib.sha256(up).hexdigest()
+        assert (event["bytes_from_client"], event["bytes_to_client"]) == (50 * MB, 50 * MB)
+        assert event["reason"] in ("client-closed", "destination-closed")
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_half_close_from_client():
+    """
+    The client sends a request and half-closes; the destination sees EOF, then answers, and
+    the answer reaches the client after its own FIN.
+    """
+    servers = PeerFactory(payload=b"", half_close=False, close_on_eof=False)
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        client = Peer(payload=b"request")
+        yield connect(port, client)
+        server = yield servers.next_peer(0)
+        yield server.eof
+        assert server.received == 7
+        server.transport.write(b"answer after EOF")
+        server.transport.loseWriteConnection()
+        yield client.eof
+        yield client.lost
+        assert client.first_bytes == b"answer after EOF"
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "client-closed"
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_half_close_from_destination():
+    """
+    The destination sends a banner and half-closes; the client sees EOF and can still send.
+    """
+    servers = PeerFactory(payload=b"banner")
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        client = Peer(payload=b"", half_close=False, close_on_eof=False)
+        yield connect(port, client)
+        yield client.eof
+        assert client.first_bytes == b"banner"
+        client.transport.write(b"still talking")
+        server = servers.peers[0]
+        yield server.when_received(13)
+        client.transport.loseWriteConnection()
+        yield server.lost
+        yield client.lost
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "destination-closed"
+        assert (event["bytes_from_client"], event["bytes_to_client"]) == (13, 6)
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_destination_refusing():
+    """
+    A destination that refuses ends the session with connect-failed; the client is closed.
+    """
+    dead = free_port()
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", dead)]))
+    try:
+        client = Peer(payload=b"hello", half_close=False)
+        yield connect(port, client)
+        yield client.lost
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "connect-failed" and event["bytes_from_client"] == 0
+    finally:
+        yield service.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_failover_when_first_refuses():
+    """
+    With a failover list, a refusing first destination is skipped and the second serves.
+    """
+    servers = PeerFactory(payload=b"second")
+    server_port = yield listen(servers)
+    port = free_port()
+    second = ("127.0.0.1", server_port.getHost().port)
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", free_port()), second]))
+    try:
+        client = Peer(payload=b"x")
+        yield connect(port, client)
+        yield client.lost
+        [event] = yield sink.disconnects(1)
+        assert client.first_bytes == b"second"
+        assert event["destination"] == f"127.0.0.1:{second[1]}"
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_destination_black_holed():
+    """
+    A destination that never answers (SYNs dropped: a full accept queue) ends the session with
+    connect-timeout after connect_timeout.
+    """
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    filler = socket.create_connection(hole.getsockname())  # fills the accept queue
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [hole.getsockname()], extra="connect_timeout = 0.5"))
+    try:
+        client = Peer(payload=b"", half_close=False)
+        yield connect(port, client)
+        yield client.lost
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "connect-timeout"
+        assert 0.4 < event["duration"] < 10
+    finally:
+        yield service.stopService()
+        filler.close()
+        hole.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_destination_reset_mid_stream():
+    """
+    A destination that resets mid-stream makes the client see a reset too, not a clean end.
+    """
+    servers = PeerFactory(payload=b"", half_close=False, reset_after=100_000)
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        client = Peer(payload=os.urandom(1 * MB), half_close=False)
+        yield connect(port, client)
+        reason = yield client.lost
+        assert not isinstance(reason, ConnectionDone)
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "destination-closed"
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_vanishing_mid_stream():
+    """
+    A client that resets mid-stream ends the session (client-closed) and the destination leg
+    is closed too.
+    """
+    servers = PeerFactory(payload=os.urandom(4 * MB), half_close=False)
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        client = Peer(payload=b"", half_close=False, reset_after=200_000)
+        yield connect(port, client)
+        yield client.lost
+        server = yield servers.next_peer(0)
+        yield server.lost
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "client-closed"
+        assert len(service.sessions) == 0
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_200_concurrent_sessions():
+    """
+    200 clients at once each get their own bytes echoed back intact.
+    """
+    factory = protocol.Factory.forProtocol(EchoProtocol)
+    factory.noisy = False
+    server_port = yield listen(factory)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        payloads = [os.urandom(10_000) for _ in range(200)]
+        clients = [Peer(payload=p) for p in payloads]
+        yield defer.gatherResults([connect(port, c) for c in clients])
+        yield wait_for(lambda: len(service.sessions) == 200 or len(sink.of("ClientDisconnect")) > 0)
+        yield defer.gatherResults([c.lost for c in clients])
+        for client, payload in zip(clients, payloads):
+            assert client.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+        events = yield sink.disconnects(200)
+        assert len({e["session"] for e in events}) == 200
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_reader_keeps_memory_bounded():
+    """
+    A destination writing 64 MB to a client that does not read stalls instead of filling the
+    relay's memory: the relay buffers well under 1 MB; then the client reads all of it intact.
+    """
+    payload = os.urandom(64 * MB)
+    servers = PeerFactory(payload=payload)
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        client = Peer(payload=b"", read=False)
+        yield connect(port, client)
+        server = yield servers.next_peer(0)
+        # Stalled: the relay has stopped reading from the destination because the client's
+        # leg is full, and the server is held back by flow control.
+        def stalled():
+            live = service.sessions.live()
+            relay = relay_of(live[0]) if live else None
+            return (
+                relay is not None
+                and relay.peer is not None
+                and relay.peer.transport not in reactor().getReaders()
+                and server.sender.paused
+            )
+
+        yield wait_for(stalled)
+        [session] = service.sessions.live()
+        relay = relay_of(session)
+        held = buffered(relay.transport) + buffered(relay.peer.transport)
+        assert held < 1 * MB, held
+        assert server.sent < len(payload)
+        client.transport.resumeProducing()
+        yield client.lost
+        assert client.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_fds_leaked_after_2000_sessions():
+    """
+    After 2,000 sessions (100 at a time) the process has the file descriptors it started with.
+    """
+    factory = protocol.Factory.forProtocol(EchoProtocol)
+    factory.noisy = False
+    server_port = yield listen(factory)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
+    try:
+        before = open_fds()
+        for batch in range(20):
+            clients = [Peer(payload=b"ping %d" % i) for i in range(100)]
+            yield defer.gatherResults([connect(port, c) for c in clients])
+            yield defer.gatherResults([c.lost for c in clients])
+        yield sink.disconnects(2000)
+        yield wait_for(lambda: len(service.sessions) == 0 and open_fds() <= before)
+        assert open_fds() <= before
+        assert len(sink.of("ClientDisconnect")) == 2000
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_drain_then_shutdown():
+    """
+    Stopping the service closes the listener at once, lets a live session finish within
+    drain_timeout, and ends sessions still open after it with reason shutdown.
+    """
+    servers = PeerFactory(payload=b"", half_close=False)
+    server_port = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)], service="drain_timeout = 0.5"))
+    client = Peer(payload=b"", half_close=False)
+    yield connect(port, client)
+    yield servers.next_peer(0)
+    stopped = service.stopService()
+    yield wait_for(lambda: not port_open(port))
+    assert not stopped.called and len(service.sessions) == 1
+    yield stopped
+    yield client.lost
+    [event] = sink.of("ClientDisconnect")
+    assert event["reason"] == "shutdown"
+    yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_bind_failure_is_all_or_nothing():
+    """
+    If one listener cannot bind, start-up fails naming mapping, address and port, and no other
+    listener is left open.
+    """
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    busy_port = busy.getsockname()[1]
+    other = free_port()
+    text = (
+        f'[mappings.a]\nport = {other}\nbind = "127.0.0.1"\ndefault = {{ host = "127.0.0.1", port = 1 }}\n'
+        f'[mappings.b]\nport = {busy_port}\nbind = "127.0.0.1"\ndefault = {{ host = "127.0.0.1", port = 1 }}\n'
+    )
+    try:
+        with pytest.raises(BindError) as info:
+            start_service(text)
+        assert str(info.value).startswith(f"mapping b: cannot listen on 127.0.0.1:{busy_port}: ")
+        # a's listener, opened first, is closed again (at the reactor's next turn).
+        yield wait_for(lambda: not port_open(other))
+    finally:
+        busy.close()
