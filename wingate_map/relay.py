@@ -426,5 +426,6 @@ class RelayProtocol(Protocol):
         session = self.session
         session.reason = self._reason or self._first_close or "client-closed"
         session.terminate = None
-        self.runtime.sessions.remove(session)
+        # The event first: removing the last session may complete a shutdown drain.
         self.runtime.events.client_disconnect(session.disconnect_event(self.runtime.clock.seconds()))
+        self.runtime.sessions.remove(session)

@@ -177,9 +177,10 @@ class WingateMapService(MultiService):
         stopped = [d for d in [super().stopService()] if d is not None]
         ports, self._ports = self._ports, []
         self._listening = False
-        closing = [port.stopListening() for _, port in ports]
-        drained = self._drain()
-        return gatherResults([d for d in closing if d is not None] + stopped + [drained], consumeErrors=True).addBoth(self._stopped)
+        closing = [d for d in (port.stopListening() for _, port in ports) if d is not None]
+        # Drain once every listening socket is really closed (that takes one reactor turn).
+        drained = gatherResults(closing, consumeErrors=True).addBoth(lambda _: self._drain())
+        return gatherResults(stopped + [drained], consumeErrors=True).addBoth(self._stopped)
 
     def _drain(self) -> Deferred[None]:
         live = len(self.sessions)
@@ -187,7 +188,7 @@ class WingateMapService(MultiService):
         done = self.sessions.when_empty()
         if not live:
             return done
-        _log.info("draining {count} live session(s) for up to {timeout:g}s", count=live, timeout=timeout)
+        _log.info("listeners closed; draining {count} live session(s) for up to {timeout:g}s", count=live, timeout=timeout)
 
         def expire() -> None:
             left = len(self.sessions)

@@ -44,7 +44,9 @@ class RunOptions(usage.Options):
         try:
             self.loaded = build_config(self["config"], self["maps"])
         except WingateMapError as e:
-            raise usage.UsageError(f"invalid configuration:\n{e}") from None
+            # Not a usage mistake: print each problem (key path first), not the option summary.
+            sys.stderr.write(f"wingatemap: invalid configuration:\n{e}\n")
+            raise SystemExit(2) from None
 
 
 def build_config(path: str | None, maps: list[str]) -> Config:
@@ -89,7 +91,8 @@ class Options(usage.Options):
 def _quiet_excepthook(original: Any) -> Any:
     def hook(kind: type, value: BaseException, tb: Any) -> None:
         if isinstance(value, WingateMapError):
-            sys.stderr.write(f"wingatemap: error: {value}\n")
+            # twistd has replaced sys.stderr with its log; the operator's terminal is the real one.
+            (sys.__stderr__ or sys.stderr).write(f"wingatemap: error: {value}\n")
         else:
             original(kind, value, tb)
 
