@@ -366,3 +366,34 @@ def test_wingatemap_run_command(tmp_path, web_root):
         assert hashlib.sha256((tmp_path / "out").read_bytes()).hexdigest() == digest
     finally:
         assert proc.stop() in (0, -signal.SIGTERM)
+
+
+def test_embedding_example_vetoes():
+    """
+    docs/examples/embed.py embeds the service; its sink sees both events and its veto blocks
+    one client address while another gets through.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    port = free_port()
+    proc = Proc([sys.executable, "-u", os.path.join(EXAMPLES, "embed.py"), str(port), str(server.getsockname()[1]), "127.0.0.66"])
+    try:
+        proc.wait_line(r"^ready")
+        blocked = socket.socket()
+        blocked.bind(("127.0.0.66", 0))
+        blocked.connect(("127.0.0.1", port))
+        assert blocked.recv(10) == b""
+        blocked.close()
+        line = proc.wait_line(r'"reason": "blocked"')
+        assert json.loads(line)["client_ip"] == "127.0.0.66"
+        allowed = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        allowed.sendall(b"hi")
+        assert conn.recv(2) == b"hi"
+        conn.close()
+        allowed.close()
+        line = proc.wait_line(r'"event": "ClientDisconnect".*"client_ip": "127.0.0.1"|"client_ip": "127.0.0.1".*"event": "ClientDisconnect"')
+    finally:
+        proc.stop()
+        server.close()
