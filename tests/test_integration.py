@@ -389,3 +389,20 @@ def test_bind_failure_is_all_or_nothing():
         yield wait_for(lambda: not port_open(other))
     finally:
         busy.close()
+
+
+def test_unwritable_audit_log_is_a_clear_error(tmp_path):
+    """
+    An audit log that cannot be opened stops start-up with an error naming the key and file,
+    and no listener is opened.
+    """
+    from wingate_map.errors import WingateMapError
+
+    target = tmp_path / "events.jsonl"
+    target.mkdir()  # a directory where the file should be
+    port = free_port()
+    text = mapping_config(port, [("127.0.0.1", 9)], service=f'audit_log = "{target}"')
+    with pytest.raises(WingateMapError) as info:
+        start_service(text)
+    assert str(info.value).startswith(f"service.audit_log: cannot open {target}: ")
+    assert not port_open(port)

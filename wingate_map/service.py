@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from .bindings import Adapter, Listener, plan_listeners
 from .config import Config
 from .destinations import StandardEndpointFactory
-from .errors import BindError
+from .errors import BindError, WingateMapError
 from .events import AuditLogSink, EventHub, LogSink
 from .identity import IdentityResolver
 from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
@@ -121,7 +121,10 @@ class WingateMapService(MultiService):
         """
         listeners = plan_listeners(self.config, None if self._adapters is None else self._adapters())
         if self.config.service.audit_log:
-            self._audit = AuditLogSink(self.config.service.audit_log)
+            try:
+                self._audit = AuditLogSink(self.config.service.audit_log)
+            except OSError as e:
+                raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
         events = EventHub([LogSink()] + ([self._audit] if self._audit else []) + self._subscribed)
         self.events = events
         factories = {m.name: RelayFactory(self._runtime(m)) for m in self.config.enabled_mappings()}
