@@ -20,6 +20,7 @@ from typing import Any
 from attrs import evolve, field, frozen
 
 from .errors import ConfigError, ConfigProblem
+from .locations import Location, parse_location
 
 DEFAULT_CONFIG_PATH = "wingatemap.toml"
 
@@ -33,7 +34,11 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 # than ignored: an operator who writes tls = true must not get plaintext.
 _NOT_YET = "is not supported by this version of wingatemap yet"
 _TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
-_TOP_NOT_YET = ("admin", "users", "events")
+_TOP_NOT_YET = ("admin", "events")
+_USER_KEYS = ("locations", "groups")
+_RULE_KEYS = ("user", "group", "from", "not_from", "to", "action")
+RESERVED_USERS = ("guest",)
+EVERYONE = "everyone"
 _SERVICE_KEYS = ("drain_timeout", "audit_log", "workers")
 _MAPPING_KEYS = (
     "port",
@@ -52,12 +57,9 @@ _MAPPING_KEYS = (
     "max_connections_per_client",
 )
 _MAPPING_NOT_YET = (
-    "rules",
     "intercept",
     "intercept_transparent",
     "tls",
-    "proxy_protocol",
-    "proxy_protocol_from",
     "max_connections",
     "max_connections_per_client",
 )
@@ -82,7 +84,6 @@ _DESTINATION_NOT_YET = (
     "client_cert",
     "client_key",
     "min_tls",
-    "proxy_protocol",
 )
 
 
@@ -97,11 +98,15 @@ def format_host_port(host: str, port: int) -> str:
 class Destination:
     """
     Where a mapping sends a client: C{host} and C{port}, or a Twisted client C{endpoint} string.
+
+    @ivar proxy_protocol: L{None}, C{"v1"} or C{"v2"}: send a PROXY header telling the
+        destination who the real client is.
     """
 
     host: str | None = None
     port: int | None = None
     endpoint: str | None = None
+    proxy_protocol: str | None = None
 
     def __str__(self) -> str:
         if self.endpoint is not None:
@@ -126,6 +131,57 @@ class Mapping:
     connect_timeout: float = 10.0
     idle_timeout: float = 0.0
     default: tuple[Destination, ...] = ()
+    rules: tuple["Rule", ...] = ()
+    proxy_protocol: bool = False
+    proxy_protocol_from: tuple[Location, ...] | None = None
+
+
+@frozen
+class User:
+    """
+    A user from C{[users.NAME]}: recognised ("assumed") by the locations it connects from.
+    """
+
+    name: str
+    locations: tuple[Location, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@frozen
+class Rule:
+    """
+    One specific mapping: when every given condition holds, send the client C{to} its
+    destinations (or reject it).  A condition left out (L{None}) always holds.
+
+    @ivar index: 0-based position in the mapping's rules.
+    @ivar action: C{"connect"} or C{"reject"}.
+    """
+
+    index: int
+    users: tuple[str, ...] | None = None
+    groups: tuple[str, ...] | None = None
+    from_: tuple[Location, ...] | None = None
+    not_from: tuple[Location, ...] | None = None
+    to: tuple[Destination, ...] = ()
+    action: str = "connect"
+
+    def conditions(self) -> str:
+        """
+        The conditions as the operator wrote them, e.g. C{user = alice, from = 10.0.0.0/8}.
+        """
+        parts = []
+        for key, values in (("user", self.users), ("group", self.groups), ("from", self.from_), ("not_from", self.not_from)):
+            if values is not None:
+                parts.append(f"{key} = {', '.join(str(v) for v in values)}")
+        return "; ".join(parts)
+
+    def outcome(self) -> str:
+        """
+        What the rule does, e.g. C{-> 10.0.0.20:3389} or C{reject}.
+        """
+        if self.action == "reject":
+            return "reject"
+        return "-> " + " | ".join(str(d) for d in self.to)
 
 
 @frozen
@@ -145,13 +201,17 @@ class Config:
     A whole, valid configuration.
 
     @ivar interfaces: adapter name -> usage class overrides from C{[interfaces]}.
+    @ivar users: in file order (the order they are checked in).
     @ivar source: where it was read from, for messages.
+    @ivar warnings: things that are allowed but probably not meant (a rule that can never match).
     """
 
     service: ServiceSettings = ServiceSettings()
     interfaces: tuple[tuple[str, str], ...] = ()
     mappings: tuple[Mapping, ...] = ()
+    users: tuple[User, ...] = ()
     source: str = "<string>"
+    warnings: tuple[ConfigProblem, ...] = ()
 
     def interface_classes(self) -> dict[str, str]:
         """
@@ -198,9 +258,49 @@ class _Reader:
 
     base_dir: str
     problems: list[ConfigProblem] = field(factory=list)
+    warnings: list[ConfigProblem] = field(factory=list)
 
     def error(self, path: str, message: str) -> None:
         self.problems.append(ConfigProblem(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(ConfigProblem(path, message))
+
+    def strings(self, table: dict[str, Any], key: str, path: str, what: str) -> tuple[str, ...] | None:
+        """
+        A string or list of strings (at least one), or L{None} when the key is absent.
+        """
+        if key not in table:
+            return None
+        value = table[key]
+        items = value if isinstance(value, list) else [value]
+        if not items or not all(isinstance(i, str) and i for i in items):
+            self.error(path, f"{_describe(value)} is not allowed; expected {what} or a non-empty list of them")
+            return None
+        return tuple(dict.fromkeys(items))
+
+    def locations(self, table: dict[str, Any], key: str, path: str) -> tuple[Location, ...] | None:
+        """
+        A list of locations (a single string is a list of one), or L{None} when absent.
+        """
+        if key not in table:
+            return None
+        value = table[key]
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            self.error(path, "an empty list is not allowed; leave the key out instead")
+            return None
+        found = []
+        for i, item in enumerate(items):
+            where = f"{path}[{i}]" if isinstance(value, list) else path
+            if not isinstance(item, str):
+                self.error(where, f"{_describe(item)} is not a location; expected a string")
+                continue
+            try:
+                found.append(parse_location(item))
+            except ValueError as e:
+                self.error(where, str(e))
+        return tuple(found)
 
     def check_keys(
         self, table: dict[str, Any], path: str, known: tuple[str, ...], not_yet: tuple[str, ...] = ()
@@ -285,6 +385,11 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
         reader.error(path, f"must be a table like {{ host = \"10.0.0.10\", port = 3389 }}, not {_describe(value)}")
         return None
     reader.check_keys(value, path, _DESTINATION_KEYS, _DESTINATION_NOT_YET)
+    proxy = value.get("proxy_protocol", False)
+    if proxy not in (False, "v1", "v2"):
+        reader.error(f"{path}.proxy_protocol", f"{_describe(proxy)} is not allowed; expected false, \"v1\" or \"v2\"")
+        proxy = False
+    proxy_protocol = proxy or None
     endpoint = value.get("endpoint")
     host = value.get("host")
     if endpoint is not None:
@@ -298,7 +403,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
         if problem:
             reader.error(f"{path}.endpoint", f"{_describe(endpoint)} is not a valid client endpoint: {problem}")
             return None
-        return Destination(endpoint=endpoint)
+        return Destination(endpoint=endpoint, proxy_protocol=proxy_protocol)
     if host is None:
         reader.error(f"{path}.host", "is required (or give endpoint)")
         return None
@@ -311,7 +416,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
     port = reader.integer(value, "port", f"{path}.port", 0, 1, 65535, "port")
     if not port:
         return None
-    return Destination(host=host, port=port)
+    return Destination(host=host, port=port, proxy_protocol=proxy_protocol)
 
 
 def check_client_endpoint(description: str) -> str | None:
@@ -372,7 +477,91 @@ def _read_bind(reader: _Reader, mapping: dict[str, Any], path: str) -> tuple[str
     return tuple(dict.fromkeys(out))
 
 
-def _read_mapping(reader: _Reader, name: str, table: Any) -> Mapping | None:
+def _read_users(reader: _Reader, data: dict[str, Any]) -> tuple[User, ...]:
+    users = []
+    for name, table in reader.table(data, "users", "users").items():
+        path = f"users.{name}"
+        if not isinstance(table, dict):
+            reader.error(path, f"must be a table, not {_describe(table)}")
+            continue
+        if name in RESERVED_USERS:
+            reader.error(path, f"{name!r} is the user nobody recognised is; choose another name")
+        elif not name or any(c.isspace() for c in name):
+            reader.error(path, "a user name must be non-empty and have no spaces")
+        reader.check_keys(table, path, _USER_KEYS)
+        locations = reader.locations(table, "locations", f"{path}.locations") or ()
+        groups = reader.strings(table, "groups", f"{path}.groups", "a group name") or ()
+        users.append(User(name=name, locations=locations, groups=tuple(g for g in groups if g != EVERYONE)))
+    return tuple(users)
+
+
+def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...]) -> tuple[Rule, ...]:
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        reader.error(path, "must be an array of tables: write each rule as [[mappings.NAME.rules]]")
+        return ()
+    known_users = {u.name for u in users} | set(RESERVED_USERS)
+    known_groups = {g for u in users for g in u.groups} | {EVERYONE}
+    rules: list[Rule] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    catch_all: int | None = None
+    for index, table in enumerate(value):
+        where = f"{path}[{index}]"
+        reader.check_keys(table, where, _RULE_KEYS)
+        rule_users = reader.strings(table, "user", f"{where}.user", "a user name")
+        for name in rule_users or ():
+            if name not in known_users:
+                close = difflib.get_close_matches(name, sorted(known_users), n=1, cutoff=0.6)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                reader.error(f"{where}.user", f"{name!r} is not a user defined in [users]{hint}")
+        rule_groups = reader.strings(table, "group", f"{where}.group", "a group name")
+        for name in rule_groups or ():
+            if name not in known_groups:
+                close = difflib.get_close_matches(name, sorted(known_groups), n=1, cutoff=0.6)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                reader.error(f"{where}.group", f"{name!r} is not a group of any user (groups: {', '.join(sorted(known_groups))}){hint}")
+        from_ = reader.locations(table, "from", f"{where}.from")
+        not_from = reader.locations(table, "not_from", f"{where}.not_from")
+        if all(k not in table for k in ("user", "group", "from", "not_from")):
+            reader.error(where, 'a rule needs at least one condition (user, group, from or not_from); to match every client use group = "everyone", or set the mapping\'s default')
+        action = table.get("action")
+        to: tuple[Destination, ...] = ()
+        if action is not None and action != "reject":
+            reader.error(f"{where}.action", f'{_describe(action)} is not allowed; the only action is "reject" (use to = {{...}} to send clients somewhere)')
+        if action == "reject" and "to" in table:
+            reader.error(where, 'give either to or action = "reject", not both')
+        elif action is None:
+            if "to" not in table:
+                reader.error(f"{where}.to", 'is required (a destination or a failover list), or set action = "reject"')
+            else:
+                to = _read_destinations(reader, table["to"], f"{where}.to")
+        rule = Rule(
+            index=index,
+            users=rule_users,
+            groups=rule_groups,
+            from_=from_,
+            not_from=not_from,
+            to=to,
+            action="reject" if action == "reject" else "connect",
+        )
+        key = (
+            frozenset(rule_users) if rule_users is not None else None,
+            frozenset(rule_groups) if rule_groups is not None else None,
+            frozenset(l.text for l in from_) if from_ is not None else None,
+            frozenset(l.text for l in not_from) if not_from is not None else None,
+        )
+        if catch_all is not None:
+            reader.warn(where, f"never matches: rule {catch_all} matches every client")
+        elif key in seen:
+            reader.warn(where, f"never matches: rule {seen[key]} has the same conditions")
+        else:
+            seen[key] = index
+        if rule_groups is not None and EVERYONE in rule_groups and rule_users is None and from_ is None and not_from is None:
+            catch_all = index if catch_all is None else catch_all
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...]) -> Mapping | None:
     path = f"mappings.{name}"
     if not isinstance(table, dict):
         reader.error(path, f"must be a table, not {_describe(table)}")
@@ -392,6 +581,15 @@ def _read_mapping(reader: _Reader, name: str, table: Any) -> Mapping | None:
     default: tuple[Destination, ...] = ()
     if "default" in table:
         default = _read_destinations(reader, table["default"], f"{path}.default")
+    rules = _read_rules(reader, table["rules"], f"{path}.rules", users) if "rules" in table else ()
+    if rules and any(r.groups and EVERYONE in r.groups and r.users is None and r.from_ is None and r.not_from is None for r in rules) and default:
+        reader.warn(f"{path}.default", "never used: a rule matches every client")
+    proxy_protocol = reader.boolean(table, "proxy_protocol", f"{path}.proxy_protocol", False)
+    proxy_from = reader.locations(table, "proxy_protocol_from", f"{path}.proxy_protocol_from")
+    if proxy_from is not None and not proxy_protocol:
+        reader.error(f"{path}.proxy_protocol_from", "is only allowed with proxy_protocol = true")
+    if proxy_protocol and proxy_from is None:
+        reader.warn(f"{path}.proxy_protocol", "any peer may send a PROXY header and so choose its client address; list your load balancers in proxy_protocol_from")
     if not port:
         return None
     return Mapping(
@@ -402,6 +600,9 @@ def _read_mapping(reader: _Reader, name: str, table: Any) -> Mapping | None:
         connect_timeout=connect_timeout,
         idle_timeout=idle_timeout,
         default=default,
+        rules=rules,
+        proxy_protocol=proxy_protocol,
+        proxy_protocol_from=proxy_from,
     )
 
 
@@ -424,9 +625,10 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         else:
             interfaces.append((adapter, usage))
 
+    users = _read_users(reader, data)
     mappings = []
     for name, table in reader.table(data, "mappings", "mappings").items():
-        mapping = _read_mapping(reader, name, table)
+        mapping = _read_mapping(reader, name, table, users)
         if mapping is not None:
             mappings.append(mapping)
 
@@ -436,7 +638,9 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),
+        users=users,
         source=source,
+        warnings=tuple(reader.warnings),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
@@ -28,6 +28,8 @@ from zope.interface import implementer
 from .config import Destination, Mapping
 from .events import EventHub
 from .interfaces import IDestinationEndpointFactory, IRuleService
+from .locations import LocationSet, client_address
+from .proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
 from .rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
 from .sessions import Session, SessionRegistry
 
@@ -46,6 +48,11 @@ class MappingRuntime:
     events: EventHub
     sessions: SessionRegistry
     clock: IReactorTime
+    proxy_from: LocationSet | None = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        trusted = self.mapping.proxy_protocol_from
+        self.proxy_from = LocationSet(trusted) if trusted is not None else None
 
 
 def _tune(transport: Any) -> None:
@@ -69,6 +76,13 @@ def _address(address: Any) -> tuple[str, int]:
     if host.startswith("::ffff:") and "." in host:
         host = host[len("::ffff:") :]
     return (host, port or 0)
+
+
+def _split_address(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    host, _, port = text.rpartition(":")
+    return (host.strip("[]"), int(port))
 
 
 class RelayFactory(Factory):
@@ -135,7 +149,9 @@ class RelayProtocol(Protocol):
     """
 
     peer: DestinationProtocol | None = None
-    session: Session
+    session: Session | None = None
+    _header_reader: ProxyHeaderReader | None = None
+    _header_timer: Any = None
 
     noisy = False
 
@@ -154,14 +170,68 @@ class RelayProtocol(Protocol):
         self._idle_call: Any = None
         self._last_activity = 0.0
         self._track_idle = runtime.mapping.idle_timeout > 0
+        self._early = b""  # client bytes that arrived with the PROXY header
 
     # -- accept and decide -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.transport.pauseProducing()
         _tune(self.transport)
+        mapping = self.runtime.mapping
+        if not mapping.proxy_protocol:
+            self.transport.pauseProducing()
+            self._begin(_address(self.transport.getPeer()))
+            return
+        # A PROXY header comes first; its source address is the client.  Nothing is a session
+        # (and nothing is relayed) until it has arrived whole from a trusted peer.
+        peer_ip, peer_port = _address(self.transport.getPeer())
+        trusted = self.runtime.proxy_from
+        if trusted is not None and not trusted.contains(client_address(peer_ip)):
+            self._drop_proxy(peer_ip, peer_port, "peer is not in proxy_protocol_from")
+            return
+        self._header_reader = ProxyHeaderReader()
+        self._header_timer = self.runtime.clock.callLater(
+            HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+        )
+
+    def _drop_proxy(self, peer_ip: str, peer_port: int, why: str) -> None:
+        self._header_reader = None
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+        _log.warn(
+            "mapping {mapping}: closed connection from {peer_ip}:{peer_port}: {why}",
+            mapping=self.runtime.mapping.name,
+            peer_ip=peer_ip,
+            peer_port=peer_port,
+            why=why,
+        )
+        self.transport.abortConnection()
+
+    def _header_data(self, data: bytes) -> None:
+        assert self._header_reader is not None
+        peer_ip, peer_port = _address(self.transport.getPeer())
+        try:
+            found = self._header_reader.feed(data)
+        except ProxyHeaderError as e:
+            self._drop_proxy(peer_ip, peer_port, str(e))
+            return
+        if found is None:
+            return
+        header, rest = found
+        self._header_reader = None
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+        self.transport.pauseProducing()
+        self._early = rest
+        self._begin(header.source or (peer_ip, peer_port))
+
+    def _begin(self, client: tuple[str, int]) -> None:
+        """
+        The client is known: open the session and ask the rule service.
+        """
         runtime = self.runtime
-        client_ip, client_port = _address(self.transport.getPeer())
+        client_ip, client_port = client
         local_ip, local_port = _address(self.transport.getHost())
         self.session = Session(
             id=runtime.sessions.new_id(),
@@ -174,14 +244,14 @@ class RelayProtocol(Protocol):
         )
         self.session.terminate = self.terminate
         runtime.sessions.add(self.session)
-        client = ClientInfo(
+        info = ClientInfo(
             mapping=runtime.mapping.name,
             client_ip=client_ip,
             client_port=client_port,
             local_ip=local_ip,
             local_port=local_port,
         )
-        d = maybeDeferred(runtime.rules.decide, client)
+        d = maybeDeferred(runtime.rules.decide, info)
         d.addCallback(self._decided)
         d.addErrback(self._internal_error)
 
@@ -261,6 +331,15 @@ class RelayProtocol(Protocol):
         if self._client_lost or self._ended:
             protocol.transport.abortConnection()
             return
+        if destination.proxy_protocol:
+            session = self.session
+            header_source = (session.client_ip, session.client_port)
+            header_destination = _split_address(session.original_dst) or (session.local_ip, session.local_port)
+            protocol.transport.write(build_header(destination.proxy_protocol, header_source, header_destination))
+        if self._early:
+            early, self._early = self._early, b""
+            self.session.bytes_from_client += len(early)
+            protocol.transport.write(early)
         self.transport.registerProducer(protocol.transport, True)
         protocol.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
@@ -297,6 +376,9 @@ class RelayProtocol(Protocol):
     # -- bytes -------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._header_reader is not None:
+            self._header_data(data)
+            return
         self.session.bytes_from_client += len(data)
         if self._track_idle:
             self._last_activity = self.runtime.clock.seconds()
@@ -318,6 +400,10 @@ class RelayProtocol(Protocol):
         """
         The client sent FIN: pass it on once what it sent has been written.
         """
+        if self.session is None:
+            peer_ip, peer_port = _address(self.transport.getPeer())
+            self._drop_proxy(peer_ip, peer_port, "closed before a complete PROXY header")
+            return
         if self._client_eof:
             return
         self._client_eof = True
@@ -362,6 +448,12 @@ class RelayProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._client_lost = True
+        if self.session is None:
+            # Closed before it became a session (no complete PROXY header): nothing to report.
+            if self._header_timer is not None and self._header_timer.active():
+                self._header_timer.cancel()
+            self._ended = True
+            return
         self._first_close = self._first_close or "client-closed"
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()

@@ -1,23 +1,35 @@
 """
 What happens to an accepted client: which destination it gets, or whether it is refused.
 
-A mapping's rule service recognises the client (through the identity sources), then picks the
-destination: the mapping's C{default} when it has one, otherwise nothing (the client is refused
-with reason C{no-destination}).
+A mapping's rule service recognises the client (through the ordered identity sources), then
+walks the mapping's rules in order: the first whose every condition holds decides (its
+destinations, or reject); if none does, the mapping's C{default} applies; with no default the
+client is refused (C{no-destination}).
+
+Cost per connection does not grow with the number of connections, and stays small with many
+rules: the rules a user can match by its user and group conditions are worked out once per
+identity and cached, so only their C{from} / C{not_from} conditions (each an O(log n) location
+lookup) are checked per connection.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 from attrs import field, frozen
 from zope.interface import implementer
 
-from .config import Destination, Mapping
+from . import neighbours
+from .config import Destination, Mapping, Rule
 from .identity import GUEST, Identity, IdentityResolver
 from .interfaces import IRuleService
+from .locations import LocationSet, client_address
 
 CONNECT = "connect"
 REJECT = "reject"
 NO_DESTINATION = "no-destination"
+
+_CACHE_LIMIT = 4096
 
 
 @frozen
@@ -54,21 +66,136 @@ class Decision:
     reasons: tuple[str, ...] = field(default=(), eq=False)
 
 
-@implementer(IRuleService)
 @frozen
+class _CompiledRule:
+    rule: Rule
+    from_: LocationSet | None
+    not_from: LocationSet | None
+
+    def identity_holds(self, identity: Identity) -> bool:
+        rule = self.rule
+        if rule.users is not None and identity.user not in rule.users:
+            return False
+        if rule.groups is not None and not set(rule.groups).intersection(identity.groups):
+            return False
+        return True
+
+
+@implementer(IRuleService)
 class MappingRuleService:
     """
     Decides for one mapping from its configuration.
     """
 
-    mapping: Mapping
-    identities: IdentityResolver = IdentityResolver()
+    def __init__(
+        self,
+        mapping: Mapping,
+        identities: IdentityResolver = IdentityResolver(),
+        mac_for: Callable[[str], str | None] = neighbours.mac_for,
+    ) -> None:
+        self.mapping = mapping
+        self.identities = identities
+        self._mac_for = mac_for
+        self._rules = tuple(
+            _CompiledRule(
+                rule,
+                LocationSet(rule.from_) if rule.from_ is not None else None,
+                LocationSet(rule.not_from) if rule.not_from is not None else None,
+            )
+            for rule in mapping.rules
+        )
+        self._by_identity: dict[tuple[str, tuple[str, ...]], tuple[_CompiledRule, ...]] = {}
+
+    def _candidates(self, identity: Identity) -> tuple[_CompiledRule, ...]:
+        key = (identity.user, identity.groups)
+        found = self._by_identity.get(key)
+        if found is None:
+            if len(self._by_identity) >= _CACHE_LIMIT:
+                self._by_identity.clear()
+            found = self._by_identity[key] = tuple(r for r in self._rules if r.identity_holds(identity))
+        return found
+
+    def _decision(self, rule: Rule, identity: Identity) -> Decision:
+        if rule.action == REJECT:
+            return Decision(REJECT, (), rule.index, identity)
+        return Decision(CONNECT, rule.to, rule.index, identity)
+
+    def _fallback(self, identity: Identity) -> Decision:
+        if self.mapping.default:
+            return Decision(CONNECT, self.mapping.default, "default", identity)
+        return Decision(NO_DESTINATION, (), None, identity)
 
     def decide(self, client: ClientInfo) -> Decision:
         """
         See L{IRuleService.decide}.
         """
         identity = self.identities.identify(client)
-        if self.mapping.default:
-            return Decision(CONNECT, self.mapping.default, "default", identity, ("no rule matched; the default applies",))
-        return Decision(NO_DESTINATION, (), None, identity, ("no rule matched and the mapping has no default",))
+        candidates = self._candidates(identity)
+        if candidates:
+            ip = client_address(client.client_ip)
+            mac_cache: list[str | None] = []
+
+            def mac() -> str | None:
+                if not mac_cache:
+                    mac_cache.append(self._mac_for(client.client_ip))
+                return mac_cache[0]
+
+            for compiled in candidates:
+                if compiled.from_ is not None and not compiled.from_.contains(ip, mac):
+                    continue
+                if compiled.not_from is not None and compiled.not_from.contains(ip, mac):
+                    continue
+                return self._decision(compiled.rule, identity)
+        return self._fallback(identity)
+
+    def explain(self, client: ClientInfo) -> tuple[Decision, list[str]]:
+        """
+        The decision for C{client}, and every step that led to it in words.
+        """
+        identity, why = self.identities.explain(client)
+        lines = [f"client {client.client_ip} is {identity.user} ({identity.level}): {why}"]
+        lines.append(f"groups: {', '.join(identity.groups)}")
+        ip = client_address(client.client_ip)
+        mac_value: list[str | None] = []
+
+        def mac() -> str | None:
+            if not mac_value:
+                mac_value.append(self._mac_for(client.client_ip))
+            return mac_value[0]
+
+        decision: Decision | None = None
+        for compiled in self._rules:
+            rule = compiled.rule
+            label = f"rule {rule.index} ({rule.conditions()}) {rule.outcome()}"
+            if decision is not None:
+                lines.append(f"  {label}: not considered (an earlier rule matched)")
+                continue
+            failed = []
+            if rule.users is not None and identity.user not in rule.users:
+                failed.append(f"user is {identity.user}, not {' or '.join(rule.users)}")
+            if rule.groups is not None and not set(rule.groups).intersection(identity.groups):
+                failed.append(f"{identity.user} is in none of the groups {', '.join(rule.groups)}")
+            if compiled.from_ is not None and not compiled.from_.contains(ip, mac):
+                failed.append(f"{client.client_ip} is not in from")
+            if compiled.not_from is not None and compiled.not_from.contains(ip, mac):
+                failed.append(f"{client.client_ip} is in not_from")
+            if failed:
+                lines.append(f"  {label}: no: {'; '.join(failed)}")
+            else:
+                lines.append(f"  {label}: MATCHES")
+                decision = self._decision(rule, identity)
+        if not self._rules:
+            lines.append("  (the mapping has no rules)")
+        if decision is None:
+            decision = self._fallback(identity)
+            if decision.action == CONNECT:
+                lines.append("no rule matched: the default applies")
+            else:
+                lines.append("no rule matched and the mapping has no default")
+        if decision.action == CONNECT:
+            lines.append(f"destination: {' | '.join(str(d) for d in decision.destinations)} (rule {decision.rule})")
+        elif decision.action == REJECT:
+            lines.append(f"destination: none; the client is rejected (rule {decision.rule}, reason rejected)")
+        else:
+            lines.append("destination: none; the client is refused (reason no-destination)")
+        return decision, lines

@@ -23,7 +23,7 @@ from .config import Config
 from .destinations import StandardEndpointFactory
 from .errors import BindError, WingateMapError
 from .events import AuditLogSink, EventHub, LogSink
-from .identity import IdentityResolver
+from .identity import AssumedIdentitySource, IdentityResolver
 from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
 from .relay import MappingRuntime, RelayFactory
 from .rules import MappingRuleService
@@ -105,7 +105,7 @@ class WingateMapService(MultiService):
         return list(self._ports)
 
     def _runtime(self, mapping: Any) -> MappingRuntime:
-        identities = IdentityResolver.of(self._identity_sources)
+        identities = IdentityResolver.of(self._identity_sources + (AssumedIdentitySource(self.config.users),))
         return MappingRuntime(
             mapping=mapping,
             rules=MappingRuleService(mapping, identities),
@@ -152,6 +152,8 @@ class WingateMapService(MultiService):
         self._ports = opened
         self.factories = factories
         self._listening = True
+        for warning in self.config.warnings:
+            _log.warn("configuration: {warning}", warning=str(warning))
         for mapping in self.config.enabled_mappings():
             addresses = ", ".join(str(l) for l, _ in opened if l.mapping == mapping.name)
             default = " | ".join(str(d) for d in mapping.default) or "(none: unmatched clients are refused)"
