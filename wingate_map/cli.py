@@ -1,6 +1,7 @@
 """
-The C{wingatemap} command: C{run} (the twistd form, for people who do not know twistd) and
-C{check} (validate and print every listener and mapping).
+The C{wingatemap} command: C{run} (the twistd form, for people who do not know twistd),
+C{check} (validate and print every listener, mapping and rule) and C{explain} (who a client is
+and where it would go).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run every enabled mapping (same as twistd -n wingatemap run)")
     check = commands.add_parser("check", help="validate the configuration and print listeners and mappings")
-    for sub in (run, check):
+    explain = commands.add_parser("explain", help="show who CLIENT_IP is, which rule matches and why, and its destination")
+    for sub in (run, check, explain):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file (default ./{DEFAULT_CONFIG_PATH})")
         sub.add_argument("--map", action="append", default=[], metavar="[ADDRESS:]PORT=HOST:PORT", help="a quick mapping (repeatable)")
+    explain.add_argument("mapping", metavar="MAPPING", help="the mapping's name")
+    explain.add_argument("client_ip", metavar="CLIENT_IP", help="the client's IP address")
     return parser
 
 
@@ -53,10 +57,23 @@ def describe(config: Config) -> list[str]:
             lines.append(f"  {mapping.name}: disabled")
             continue
         lines.append(f"  {mapping.name}: port {mapping.port}, bind {', '.join(mapping.bind)}, connect_timeout {mapping.connect_timeout:g}s, idle_timeout {mapping.idle_timeout:g}s")
+        if mapping.proxy_protocol:
+            trusted = ", ".join(str(l) for l in mapping.proxy_protocol_from) if mapping.proxy_protocol_from else "any peer"
+            lines.append(f"    expects a PROXY header from {trusted}")
+        for rule in mapping.rules:
+            lines.append(f"    rule {rule.index}: {rule.conditions()} {rule.outcome()}")
         if mapping.default:
             lines.append(f"    default -> {' | '.join(str(d) for d in mapping.default)}")
         else:
             lines.append("    default -> (none: unmatched clients are refused)")
+    if config.users:
+        lines.append("users (checked in this order):")
+        for user in config.users:
+            groups = f" groups {', '.join(user.groups)}" if user.groups else ""
+            places = ", ".join(str(l) for l in user.locations) or "(no locations)"
+            lines.append(f"  {user.name}: {places}{groups}")
+    for warning in config.warnings:
+        lines.append(f"warning: {warning}")
     return lines
 
 
@@ -77,6 +94,36 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from .identity import AssumedIdentitySource, IdentityResolver
+    from .locations import client_address
+    from .rules import ClientInfo, MappingRuleService
+    from .tap import build_config
+
+    try:
+        config = build_config(args.config, args.map, check_bindings=False)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(str(problem), file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        mapping = config.mapping(args.mapping)
+    except KeyError:
+        names = ", ".join(m.name for m in config.mappings) or "none"
+        print(f"no mapping called {args.mapping!r} (mappings: {names})", file=sys.stderr)
+        return EXIT_INVALID
+    address = client_address(args.client_ip)
+    if address is None:
+        print(f"{args.client_ip!r} is not an IP address", file=sys.stderr)
+        return EXIT_INVALID
+    service = MappingRuleService(mapping, IdentityResolver.of([AssumedIdentitySource(config.users)]))
+    client = ClientInfo(mapping=mapping.name, client_ip=str(address), client_port=0, local_ip="", local_port=mapping.port)
+    _, lines = service.explain(client)
+    print(f"mapping {mapping.name} (port {mapping.port}){'' if mapping.enabled else ' [disabled]'}")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """
     Entry point of the C{wingatemap} console script.
@@ -84,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "explain":
+        return _explain(args)
     return _check(args)
 
 

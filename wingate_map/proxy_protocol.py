@@ -65,8 +65,6 @@ class ProxyHeaderReader:
         if V2_SIGNATURE.startswith(head) and not V1_SIGNATURE.startswith(buffer[:6]):
             if len(buffer) < 16:
                 return None
-            if buffer[:12] != V2_SIGNATURE:
-                raise ProxyHeaderError("not a PROXY header (bad v2 signature)")
             if buffer[12] >> 4 != 2:
                 raise ProxyHeaderError(f"unsupported PROXY v2 version {buffer[12] >> 4}")
             size = 16 + struct.unpack("!H", buffer[14:16])[0]

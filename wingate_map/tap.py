@@ -49,7 +49,7 @@ class RunOptions(usage.Options):
             raise SystemExit(2) from None
 
 
-def build_config(path: str | None, maps: list[str]) -> Config:
+def build_config(path: str | None, maps: list[str], check_bindings: bool = True) -> Config:
     """
     The configuration from C{path} (default ./wingatemap.toml, unless only C{maps} are given)
     plus the C{--map} mappings, checked against this machine's adapters.
@@ -71,7 +71,8 @@ def build_config(path: str | None, maps: list[str]) -> Config:
     if problems:
         raise ConfigError(problems)
     config = with_mappings(config, extra)
-    plan_listeners(config)
+    if check_bindings:
+        plan_listeners(config)
     return config
 
 
