@@ -406,3 +406,74 @@ def test_unwritable_audit_log_is_a_clear_error(tmp_path):
         start_service(text)
     assert str(info.value).startswith(f"service.audit_log: cannot open {target}: ")
     assert not port_open(port)
+
+
+def _bound_client(peer, source_ip, port):
+    """
+    Connect C{peer} to 127.0.0.1:C{port} from C{source_ip} (any 127.x.y.z is a distinct
+    client location on Linux).
+    """
+    endpoint = TCP4ClientEndpoint(reactor(), "127.0.0.1", port, bindAddress=(source_ip, 0))
+    return connectProtocol(endpoint, peer)
+
+
+@pytest_twisted.inlineCallbacks
+def test_rules_route_clients_by_user_and_location():
+    """
+    Clients connecting from different 127.0.0.x addresses reach the destination their user or
+    location rule chooses; a rejected user is closed; everyone else gets the default; and a
+    rule's failover list skips a refusing destination.
+    """
+    names = ["alice", "lab", "default"]
+    factories = {n: PeerFactory(payload=n.encode(), close_on_eof=True) for n in names}
+    ports = {}
+    for n in names:
+        listening = yield listen(factories[n])
+        ports[n] = listening
+    dead = free_port()
+    port = free_port()
+    text = f"""
+[users.alice]
+locations = ["127.0.0.21"]
+[users.mallory]
+locations = ["127.0.0.23"]
+groups = ["blocked"]
+
+[mappings.m]
+port = {port}
+bind = "127.0.0.1"
+default = {{ host = "127.0.0.1", port = {ports["default"].getHost().port} }}
+
+[[mappings.m.rules]]
+user = "alice"
+to = {{ host = "127.0.0.1", port = {ports["alice"].getHost().port} }}
+
+[[mappings.m.rules]]
+from = ["127.0.0.22"]
+to = [{{ host = "127.0.0.1", port = {dead} }}, {{ host = "127.0.0.1", port = {ports["lab"].getHost().port} }}]
+
+[[mappings.m.rules]]
+group = "blocked"
+action = "reject"
+"""
+    service, sink = start_service(text)
+    try:
+        got = {}
+        for source in ["127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24"]:
+            client = Peer(payload=b"hi")
+            yield _bound_client(client, source, port)
+            yield client.lost
+            got[source] = client.first_bytes
+        assert got == {"127.0.0.21": b"alice", "127.0.0.22": b"lab", "127.0.0.23": b"", "127.0.0.24": b"default"}
+        events = yield sink.disconnects(4)
+        by_client = {e["client_ip"]: e for e in events}
+        assert by_client["127.0.0.21"]["user"] == "alice" and by_client["127.0.0.21"]["rule"] == 0
+        assert by_client["127.0.0.21"]["identity"] == "assumed"
+        assert by_client["127.0.0.22"]["rule"] == 1
+        assert by_client["127.0.0.22"]["destination"] == f"127.0.0.1:{ports['lab'].getHost().port}"
+        assert by_client["127.0.0.23"]["reason"] == "rejected" and by_client["127.0.0.23"]["destination"] is None
+        assert by_client["127.0.0.24"]["user"] == "guest" and by_client["127.0.0.24"]["rule"] == "default"
+    finally:
+        yield service.stopService()
+        for listening in ports.values():
+            yield listening.stopListening()
