@@ -12,9 +12,11 @@ as their IPv4 address.
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import ipaddress
 import re
+import socket
 from typing import Callable, Iterable
 
 from attrs import frozen
@@ -131,13 +133,19 @@ def unmap(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.I
     return address
 
 
+@functools.lru_cache(maxsize=4096)
 def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """
     A client's address string as an (unmapped) address object, or L{None} if it is not an IP.
+    (Parsed with inet_pton and cached: this runs for every connection.)
     """
     try:
-        return unmap(ipaddress.ip_address(text.split("%", 1)[0]))
-    except ValueError:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        pass
+    try:
+        return unmap(ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0])))
+    except OSError:
         return None
 
 
@@ -167,6 +175,38 @@ class _Segments:
     def owner(self, number: int) -> int | None:
         k = bisect.bisect_right(self._points, number) - 1
         return self._owners[k] if k >= 0 else None
+
+
+class RangeLists:
+    """
+    For overlapping labelled ranges: every label whose range covers a number, in label order,
+    in one bisect (the lists of neighbouring segments are shared when equal).
+    """
+
+    def __init__(self, ranges: Iterable[tuple[int, int, int]]) -> None:
+        events: dict[int, list[tuple[int, int]]] = {}
+        for lo, hi, label in ranges:
+            events.setdefault(lo, []).append((1, label))
+            events.setdefault(hi + 1, []).append((-1, label))
+        points = sorted(events)
+        active: dict[int, int] = {}
+        interned: dict[tuple[int, ...], tuple[int, ...]] = {}
+        lists: list[tuple[int, ...]] = []
+        for point in points:
+            for change, label in events[point]:
+                count = active.get(label, 0) + change
+                if count:
+                    active[label] = count
+                else:
+                    active.pop(label, None)
+            key = tuple(sorted(active))
+            lists.append(interned.setdefault(key, key))
+        self._points = points
+        self._lists = lists
+
+    def labels(self, number: int) -> tuple[int, ...]:
+        k = bisect.bisect_right(self._points, number) - 1
+        return self._lists[k] if k >= 0 else ()
 
 
 class LocationIndex:

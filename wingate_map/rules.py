@@ -7,9 +7,9 @@ destinations, or reject); if none does, the mapping's C{default} applies; with n
 client is refused (C{no-destination}).
 
 Cost per connection does not grow with the number of connections, and stays small with many
-rules: the rules a user can match by its user and group conditions are worked out once per
-identity and cached, so only their C{from} / C{not_from} conditions (each an O(log n) location
-lookup) are checked per connection.
+rules: the rules without a C{from} condition that an identity can match are worked out once per
+identity and cached, and the rules whose C{from} covers a client address come from one index
+(a bisect), so a decision looks at a handful of rules, not all of them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from . import neighbours
 from .config import Destination, Mapping, Rule
 from .identity import GUEST, Identity, IdentityResolver
 from .interfaces import IRuleService
-from .locations import LocationSet, client_address
+from .locations import LocationSet, RangeLists, client_address
 
 CONNECT = "connect"
 REJECT = "reject"
@@ -104,15 +104,34 @@ class MappingRuleService:
             )
             for rule in mapping.rules
         )
+        # Rules with a from condition: an index from client address to the rules whose from
+        # covers it.  Wildcard-pattern and mac: locations cannot be indexed by address; rules
+        # using them are checked one by one (they are rare).
+        ranges: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}
+        unindexed = []
+        for compiled in self._rules:
+            if compiled.from_ is None:
+                continue
+            if all(l.kind == "range" for l in compiled.from_.locations):
+                for l in compiled.from_.locations:
+                    ranges[l.version].append((l.lo, l.hi, compiled.rule.index))
+            else:
+                unindexed.append(compiled)
+        self._from_index = {version: RangeLists(r) for version, r in ranges.items()}
+        self._unindexed_from = tuple(unindexed)
         self._by_identity: dict[tuple[str, tuple[str, ...]], tuple[_CompiledRule, ...]] = {}
 
-    def _candidates(self, identity: Identity) -> tuple[_CompiledRule, ...]:
+    def _static_candidates(self, identity: Identity) -> tuple[_CompiledRule, ...]:
+        """
+        The rules without a from condition whose user and group conditions hold for
+        C{identity} (cached: they depend on nothing else).
+        """
         key = (identity.user, identity.groups)
         found = self._by_identity.get(key)
         if found is None:
             if len(self._by_identity) >= _CACHE_LIMIT:
                 self._by_identity.clear()
-            found = self._by_identity[key] = tuple(r for r in self._rules if r.identity_holds(identity))
+            found = self._by_identity[key] = tuple(r for r in self._rules if r.from_ is None and r.identity_holds(identity))
         return found
 
     def _decision(self, rule: Rule, identity: Identity) -> Decision:
@@ -130,22 +149,45 @@ class MappingRuleService:
         See L{IRuleService.decide}.
         """
         identity = self.identities.identify(client)
-        candidates = self._candidates(identity)
-        if candidates:
-            ip = client_address(client.client_ip)
-            mac_cache: list[str | None] = []
+        if not self._rules:
+            return self._fallback(identity)
+        ip = client_address(client.client_ip)
+        mac_cache: list[str | None] = []
 
-            def mac() -> str | None:
-                if not mac_cache:
-                    mac_cache.append(self._mac_for(client.client_ip))
-                return mac_cache[0]
+        def mac() -> str | None:
+            if not mac_cache:
+                mac_cache.append(self._mac_for(client.client_ip))
+            return mac_cache[0]
 
-            for compiled in candidates:
-                if compiled.from_ is not None and not compiled.from_.contains(ip, mac):
-                    continue
-                if compiled.not_from is not None and compiled.not_from.contains(ip, mac):
-                    continue
-                return self._decision(compiled.rule, identity)
+        best: _CompiledRule | None = None
+        # The first rule without from that holds...
+        for compiled in self._static_candidates(identity):
+            if compiled.not_from is None or not compiled.not_from.contains(ip, mac):
+                best = compiled
+                break
+        # ...against the first earlier rule whose from covers the client and that holds.
+        limit = best.rule.index if best is not None else len(self._rules)
+        hits = self._from_index[ip.version].labels(int(ip)) if ip is not None else ()
+        for index in hits:
+            if index >= limit:
+                break
+            compiled = self._rules[index]
+            if compiled.identity_holds(identity) and (compiled.not_from is None or not compiled.not_from.contains(ip, mac)):
+                best, limit = compiled, index
+                break
+        for compiled in self._unindexed_from:
+            if compiled.rule.index >= limit:
+                break
+            if (
+                compiled.identity_holds(identity)
+                and compiled.from_ is not None
+                and compiled.from_.contains(ip, mac)
+                and (compiled.not_from is None or not compiled.not_from.contains(ip, mac))
+            ):
+                best = compiled
+                break
+        if best is not None:
+            return self._decision(best.rule, identity)
         return self._fallback(identity)
 
     def explain(self, client: ClientInfo) -> tuple[Decision, list[str]]:
