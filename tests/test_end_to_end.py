@@ -397,3 +397,28 @@ def test_embedding_example_vetoes():
     finally:
         proc.stop()
         server.close()
+
+
+def test_rules_example_check_and_explain():
+    """
+    docs/examples/rules.toml is valid, check lists its rules and users, and explain gives the
+    destinations the rules cookbook shows.
+    """
+    path = os.path.join(EXAMPLES, "rules.toml")
+    checked = subprocess.run(WINGATEMAP + ["check", "--config", path], capture_output=True, text=True, env=ENV)
+    assert checked.returncode == 0, checked.stderr
+    assert "rule 2: group = contractors reject" in checked.stdout
+    assert "printer-room: mac:52:54:00:12:34:56" in checked.stdout
+    expected = {
+        "10.0.1.77": "destination: 10.0.0.20:3389 (rule 0)",
+        "192.168.5.9": "destination: 10.0.0.30:3389 | 10.0.0.31:3389 (rule 1)",
+        "192.168.5.1": "destination: 10.0.0.10:3389 (rule default)",
+        "10.0.2.15": "destination: none; the client is rejected (rule 2, reason rejected)",
+        "fd00::9": "destination: none; the client is rejected (rule 2, reason rejected)",
+    }
+    for client, last in expected.items():
+        out = subprocess.run(WINGATEMAP + ["explain", "--config", path, "rdp", client], capture_output=True, text=True, env=ENV)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == last, out.stdout
+    bad = subprocess.run(WINGATEMAP + ["explain", "--config", path, "nosuch", "10.0.0.1"], capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 2 and "no mapping called 'nosuch' (mappings: rdp)" in bad.stderr
