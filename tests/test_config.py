@@ -86,7 +86,8 @@ def test_full_mapping():
         ("[interfaces]\neth0 = \"inside\"\n", 'interfaces.eth0: "inside" is not a usage class; expected one of internal, external, dmz'),
         ("[mappings.\"r d p\"]\nport = 1\n", "mappings.r d p: a mapping name may use only letters"),
         ("mappings = 3\n", "mappings: must be a table, not 3"),
-        ("[mappings.rdp]\nport = 1\ntls = { cert = \"x\" }\n", "mappings.rdp.tls: is not supported by this version"),
+        ("[mappings.rdp]\nport = 1\nintercept = [3390]\n", "mappings.rdp.intercept: is not supported by this version"),
+        ("[mappings.rdp]\nport = 1\ntls = { cert = \"/nonexistent.pem\" }\n", "mappings.rdp.tls.cert: cannot read /nonexistent.pem: No such file or directory"),
         ("[mappings.rdp\nport = 1\n", "<string>: not valid TOML"),
     ],
 )

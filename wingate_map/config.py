@@ -21,6 +21,7 @@ from attrs import evolve, field, frozen
 
 from .errors import ConfigError, ConfigProblem
 from .locations import Location, parse_location
+from .tls import TLS_VERSIONS, ClientTls, ServerTls, check_pair, load_certificates
 
 DEFAULT_CONFIG_PATH = "wingatemap.toml"
 
@@ -35,7 +36,7 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 _NOT_YET = "is not supported by this version of wingatemap yet"
 _TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
 _TOP_NOT_YET = ("admin", "events")
-_USER_KEYS = ("locations", "groups")
+_USER_KEYS = ("locations", "groups", "certificates")
 _RULE_KEYS = ("user", "group", "from", "not_from", "to", "action")
 RESERVED_USERS = ("guest",)
 EVERYONE = "everyone"
@@ -59,7 +60,6 @@ _MAPPING_KEYS = (
 _MAPPING_NOT_YET = (
     "intercept",
     "intercept_transparent",
-    "tls",
     "max_connections",
     "max_connections_per_client",
 )
@@ -76,15 +76,9 @@ _DESTINATION_KEYS = (
     "min_tls",
     "proxy_protocol",
 )
-_DESTINATION_NOT_YET = (
-    "tls",
-    "server_name",
-    "ca",
-    "verify",
-    "client_cert",
-    "client_key",
-    "min_tls",
-)
+_DESTINATION_NOT_YET: tuple[str, ...] = ()
+_DESTINATION_TLS_KEYS = ("server_name", "ca", "verify", "client_cert", "client_key", "min_tls")
+_SERVER_TLS_KEYS = ("cert", "key", "client_ca", "min_tls")
 
 
 def format_host_port(host: str, port: int) -> str:
@@ -101,12 +95,14 @@ class Destination:
 
     @ivar proxy_protocol: L{None}, C{"v1"} or C{"v2"}: send a PROXY header telling the
         destination who the real client is.
+    @ivar tls: L{None} for plain TCP, else how to speak TLS to it.
     """
 
     host: str | None = None
     port: int | None = None
     endpoint: str | None = None
     proxy_protocol: str | None = None
+    tls: ClientTls | None = None
 
     def __str__(self) -> str:
         if self.endpoint is not None:
@@ -134,17 +130,21 @@ class Mapping:
     rules: tuple["Rule", ...] = ()
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[Location, ...] | None = None
+    tls: ServerTls | None = None
 
 
 @frozen
 class User:
     """
-    A user from C{[users.NAME]}: recognised ("assumed") by the locations it connects from.
+    A user from C{[users.NAME]}: recognised ("assumed") by the locations it connects from, or
+    proven ("authenticated") by a verified TLS client certificate whose subject CN is its name or
+    one of its C{certificates}.
     """
 
     name: str
     locations: tuple[Location, ...] = ()
     groups: tuple[str, ...] = ()
+    certificates: tuple[str, ...] = ()
 
 
 @frozen
@@ -390,6 +390,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
         reader.error(f"{path}.proxy_protocol", f"{_describe(proxy)} is not allowed; expected false, \"v1\" or \"v2\"")
         proxy = False
     proxy_protocol = proxy or None
+    tls = _read_client_tls(reader, value, path)
     endpoint = value.get("endpoint")
     host = value.get("host")
     if endpoint is not None:
@@ -403,7 +404,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
         if problem:
             reader.error(f"{path}.endpoint", f"{_describe(endpoint)} is not a valid client endpoint: {problem}")
             return None
-        return Destination(endpoint=endpoint, proxy_protocol=proxy_protocol)
+        return Destination(endpoint=endpoint, proxy_protocol=proxy_protocol, tls=tls)
     if host is None:
         reader.error(f"{path}.host", "is required (or give endpoint)")
         return None
@@ -416,7 +417,95 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
     port = reader.integer(value, "port", f"{path}.port", 0, 1, 65535, "port")
     if not port:
         return None
-    return Destination(host=host, port=port, proxy_protocol=proxy_protocol)
+    return Destination(host=host, port=port, proxy_protocol=proxy_protocol, tls=tls)
+
+
+def _read_min_tls(reader: _Reader, table: dict[str, Any], path: str) -> str:
+    value = table.get("min_tls", "1.2")
+    if value not in TLS_VERSIONS:
+        reader.error(path, f"{_describe(value)} is not allowed; expected one of {', '.join(repr(v).replace(chr(39), chr(34)) for v in TLS_VERSIONS)}")
+        return "1.2"
+    return value
+
+
+def _read_file_key(reader: _Reader, table: dict[str, Any], key: str, path: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        reader.error(path, f"{_describe(value)} is not allowed; expected a PEM file path")
+        return None
+    return os.path.join(reader.base_dir, os.path.expanduser(value))
+
+
+def _check_pair(reader: _Reader, cert: str, key: str, path: str) -> bool:
+    ok = True
+    for problem in check_pair(cert, key):
+        if problem.startswith("warning: "):
+            reader.warn(path, problem[len("warning: ") :])
+        else:
+            reader.error(path, problem)
+            ok = False
+    return ok
+
+
+def _read_client_tls(reader: _Reader, value: dict[str, Any], path: str) -> ClientTls | None:
+    enabled = reader.boolean(value, "tls", f"{path}.tls", False)
+    given = [k for k in _DESTINATION_TLS_KEYS if k in value]
+    if not enabled:
+        for key in given:
+            reader.error(f"{path}.{key}", "is only allowed with tls = true")
+        return None
+    server_name = value.get("server_name")
+    if server_name is not None and (not isinstance(server_name, str) or not _valid_host(server_name)):
+        reader.error(f"{path}.server_name", f"{_describe(server_name)} is not a host name")
+        server_name = None
+    ca = _read_file_key(reader, value, "ca", f"{path}.ca")
+    if ca is not None:
+        try:
+            load_certificates(ca)
+        except ValueError as e:
+            reader.error(f"{path}.ca", str(e))
+    verify = reader.boolean(value, "verify", f"{path}.verify", True)
+    if not verify:
+        reader.warn(f"{path}.verify", "false: the destination's certificate and name are NOT checked; anyone in the path can read and change this traffic")
+    client_cert = _read_file_key(reader, value, "client_cert", f"{path}.client_cert")
+    client_key = _read_file_key(reader, value, "client_key", f"{path}.client_key")
+    if client_key is not None and client_cert is None:
+        reader.error(f"{path}.client_key", "is only allowed with client_cert")
+    if client_cert is not None:
+        _check_pair(reader, client_cert, client_key or client_cert, f"{path}.client_cert")
+    return ClientTls(
+        server_name=server_name,
+        ca=ca,
+        verify=verify,
+        client_cert=client_cert,
+        client_key=client_key,
+        min_tls=_read_min_tls(reader, value, f"{path}.min_tls"),
+    )
+
+
+def _read_server_tls(reader: _Reader, value: Any, path: str) -> ServerTls | None:
+    if not isinstance(value, dict):
+        reader.error(path, f"must be a table like {{ cert = \"gw.pem\", key = \"gw.key\" }}, not {_describe(value)}")
+        return None
+    reader.check_keys(value, path, _SERVER_TLS_KEYS)
+    cert = _read_file_key(reader, value, "cert", f"{path}.cert")
+    if cert is None:
+        if "cert" not in value:
+            reader.error(f"{path}.cert", "is required (a PEM certificate, optionally followed by its chain)")
+        return None
+    key = _read_file_key(reader, value, "key", f"{path}.key") or cert
+    client_ca = _read_file_key(reader, value, "client_ca", f"{path}.client_ca")
+    if client_ca is not None:
+        try:
+            load_certificates(client_ca)
+        except ValueError as e:
+            reader.error(f"{path}.client_ca", str(e))
+    min_tls = _read_min_tls(reader, value, f"{path}.min_tls")
+    if not _check_pair(reader, cert, key, f"{path}.cert"):
+        return None
+    return ServerTls(cert=cert, key=key, client_ca=client_ca, min_tls=min_tls)
 
 
 def check_client_endpoint(description: str) -> str | None:
@@ -491,7 +580,8 @@ def _read_users(reader: _Reader, data: dict[str, Any]) -> tuple[User, ...]:
         reader.check_keys(table, path, _USER_KEYS)
         locations = reader.locations(table, "locations", f"{path}.locations") or ()
         groups = reader.strings(table, "groups", f"{path}.groups", "a group name") or ()
-        users.append(User(name=name, locations=locations, groups=tuple(g for g in groups if g != EVERYONE)))
+        certificates = reader.strings(table, "certificates", f"{path}.certificates", "a certificate subject CN") or ()
+        users.append(User(name=name, locations=locations, groups=tuple(g for g in groups if g != EVERYONE), certificates=certificates))
     return tuple(users)
 
 
@@ -590,6 +680,9 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         reader.error(f"{path}.proxy_protocol_from", "is only allowed with proxy_protocol = true")
     if proxy_protocol and proxy_from is None:
         reader.warn(f"{path}.proxy_protocol", "any peer may send a PROXY header and so choose its client address; list your load balancers in proxy_protocol_from")
+    tls = _read_server_tls(reader, table["tls"], f"{path}.tls") if "tls" in table else None
+    if tls is not None and proxy_protocol:
+        reader.error(f"{path}.proxy_protocol", "cannot be combined with tls on the same mapping in this version")
     if not port:
         return None
     return Mapping(
@@ -603,6 +696,7 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         rules=rules,
         proxy_protocol=proxy_protocol,
         proxy_protocol_from=proxy_from,
+        tls=tls,
     )
 
 

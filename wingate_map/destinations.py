@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from .config import Destination
 from .interfaces import IDestinationEndpointFactory
+from .tls import client_creator, half_close_tls_factory
 
 
 @implementer(IDestinationEndpointFactory)
@@ -26,12 +27,60 @@ class StandardEndpointFactory:
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
+        self._creators: dict[Destination, Any] = {}
 
-    def endpoint_for_destination(self, destination: Destination, timeout: float) -> IStreamClientEndpoint:
+    def _creator(self, destination: Destination) -> Any:
+        # Built once per destination (certificates are read at start, and again on reload).
+        creator = self._creators.get(destination)
+        if creator is None:
+            assert destination.tls is not None
+            host = destination.host or destination.tls.server_name or ""
+            creator = self._creators[destination] = client_creator(host, destination.tls)
+        return creator
+
+    def endpoint_for_destination(self, destination: Destination, timeout: float, preamble: bytes = b"") -> IStreamClientEndpoint:
         """
         See L{IDestinationEndpointFactory.endpoint_for_destination}.
         """
         if destination.endpoint is not None:
-            return clientFromString(self._reactor, destination.endpoint)
-        assert destination.host is not None and destination.port is not None
-        return HostnameEndpoint(self._reactor, destination.host, destination.port, timeout=timeout)
+            inner = clientFromString(self._reactor, destination.endpoint)
+        else:
+            assert destination.host is not None and destination.port is not None
+            inner = HostnameEndpoint(self._reactor, destination.host, destination.port, timeout=timeout)
+        if destination.tls is not None:
+            return _TLSEndpoint(inner, self._creator(destination), preamble)
+        if preamble:
+            return _PreambleEndpoint(inner, preamble)
+        return inner
+
+
+class _TLSEndpoint:
+    """
+    TLS (with half-close) over another endpoint; the plaintext preamble goes first.
+    """
+
+    def __init__(self, inner: Any, creator: Any, preamble: bytes) -> None:
+        self._inner = inner
+        self._creator = creator
+        self._preamble = preamble
+
+    def connect(self, factory: Any) -> Any:
+        wrapper = half_close_tls_factory(self._creator, True, factory, self._preamble)
+        return self._inner.connect(wrapper).addCallback(lambda tls: tls.wrappedProtocol)
+
+
+class _PreambleEndpoint:
+    """
+    Writes a preamble (a PROXY header) as soon as the connection is made.
+    """
+
+    def __init__(self, inner: Any, preamble: bytes) -> None:
+        self._inner = inner
+        self._preamble = preamble
+
+    def connect(self, factory: Any) -> Any:
+        def written(protocol: Any) -> Any:
+            protocol.transport.write(self._preamble)
+            return protocol
+
+        return self._inner.connect(factory).addCallback(written)

@@ -126,3 +126,35 @@ class AssumedIdentitySource:
             return None
         location = self._index.matching_location(owner, ip, mac)
         return f"location {location} of users.{self.users[owner].name}"
+
+
+@implementer(IIdentitySource)
+class CertificateIdentitySource:
+    """
+    Recognises users by a verified TLS client certificate: its subject CN is the user's name or
+    one of the user's C{certificates}.  The identity is C{authenticated}.
+    """
+
+    level = "authenticated"
+
+    def __init__(self, users: Iterable[User]) -> None:
+        self._by_name: dict[str, User] = {}
+        for user in users:
+            for name in (user.name,) + tuple(user.certificates):
+                self._by_name.setdefault(name, user)
+
+    def identify(self, client: ClientInfo) -> Identity | None:
+        """
+        See L{IIdentitySource.identify}.
+        """
+        name = getattr(client, "certificate_cn", None)
+        user = self._by_name.get(name) if name else None
+        return None if user is None else identity_of(user, self.level)
+
+    def explain(self, client: ClientInfo) -> str | None:
+        """
+        Why C{client} is recognised.
+        """
+        name = getattr(client, "certificate_cn", None)
+        user = self._by_name.get(name) if name else None
+        return None if user is None else f"TLS client certificate CN={name!r} of users.{user.name}"

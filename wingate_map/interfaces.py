@@ -48,10 +48,13 @@ class IDestinationEndpointFactory(Interface):
     Builds the client endpoint that reaches a destination.
     """
 
-    def endpoint_for_destination(destination, timeout):
+    def endpoint_for_destination(destination, timeout, preamble=b""):
         """
         An L{IStreamClientEndpoint} for C{destination} (a L{wingate_map.config.Destination}),
-        giving up a single attempt after C{timeout} seconds.
+        giving up a single attempt after C{timeout} seconds.  C{preamble} (a PROXY header) must
+        be the first bytes on the wire, before any TLS handshake.  For a TLS destination the
+        connected protocol's transport provides C{handshakeCompleted} notifications
+        (L{IHandshakeListener}) and half-close.
         """
 
 

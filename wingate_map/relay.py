@@ -19,7 +19,8 @@ from typing import Any
 from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorTime
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,10 +31,15 @@ from .events import EventHub
 from .interfaces import IDestinationEndpointFactory, IRuleService
 from .locations import LocationSet, client_address
 from .proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
+from .tls import describe_tls_failure, subject_common_name
 from .rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
 from .sessions import Session, SessionRegistry
 
 _log = Logger()
+
+# Client bytes held while the destination gets ready: at most what was in flight when the
+# client was paused (one read, one TLS record batch).
+_EARLY_LIMIT = 1 << 20
 
 
 @define
@@ -111,6 +117,10 @@ class RelayFactory(Factory):
 class DestinationProtocol(Protocol):
     """
     The destination leg: everything it receives goes to the client.
+
+    Only IHalfCloseableProtocol here: Twisted's endpoint wrapper (_WrappingProtocol) re-declares
+    the wrapped protocol's interfaces one C{directlyProvides} at a time, so a protocol that is
+    also an IHandshakeListener silently loses half-close when connected through HostnameEndpoint.
     """
 
     def __init__(self, relay: "RelayProtocol") -> None:
@@ -132,17 +142,28 @@ class DestinationProtocol(Protocol):
         self.relay.destination_lost(reason)
 
 
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class TLSDestinationProtocol(DestinationProtocol):
+    """
+    The destination leg inside our TLS wrapper, which tells it when the handshake is done.
+    """
+
+    def handshakeCompleted(self) -> None:
+        self.relay.destination_handshake_done()
+
+
 class _DestinationFactory(Factory):
     noisy = False
 
-    def __init__(self, relay: "RelayProtocol") -> None:
+    def __init__(self, relay: "RelayProtocol", tls: bool = False) -> None:
         self.relay = relay
+        self.tls = tls
 
     def buildProtocol(self, addr: Any) -> DestinationProtocol:
-        return DestinationProtocol(self.relay)
+        return (TLSDestinationProtocol if self.tls else DestinationProtocol)(self.relay)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class RelayProtocol(Protocol):
     """
     The client leg of a session, and the session's owner.
@@ -170,13 +191,25 @@ class RelayProtocol(Protocol):
         self._idle_call: Any = None
         self._last_activity = 0.0
         self._track_idle = runtime.mapping.idle_timeout > 0
-        self._early = b""  # client bytes that arrived with the PROXY header
+        self._early = b""  # client bytes that arrived before the destination was ready
+        self._dest_ready = False
+        self._dest_index = 0
+        self._dest_timer: Any = None
+        self._awaiting_handshake = False
 
     # -- accept and decide -------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         _tune(self.transport)
         mapping = self.runtime.mapping
+        if mapping.tls is not None:
+            # The client's certificate (its identity) is known only after the handshake.
+            self._awaiting_handshake = True
+            peer_ip, peer_port = _address(self.transport.getPeer())
+            self._header_timer = self.runtime.clock.callLater(
+                HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no TLS handshake within {HEADER_TIMEOUT:g}s"
+            )
+            return
         if not mapping.proxy_protocol:
             self.transport.pauseProducing()
             self._begin(_address(self.transport.getPeer()))
@@ -193,8 +226,23 @@ class RelayProtocol(Protocol):
             HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
         )
 
+    def handshakeCompleted(self) -> None:
+        """
+        The client's TLS handshake is done: it is a session now.
+        """
+        if not self._awaiting_handshake:
+            return
+        self._awaiting_handshake = False
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+        certificate = self.transport.getPeerCertificate() if self.runtime.mapping.tls.client_ca else None
+        self.transport.pauseProducing()
+        self._begin(_address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate))
+
     def _drop_proxy(self, peer_ip: str, peer_port: int, why: str) -> None:
         self._header_reader = None
+        self._awaiting_handshake = False
         if self._header_timer is not None and self._header_timer.active():
             self._header_timer.cancel()
         self._header_timer = None
@@ -226,7 +274,7 @@ class RelayProtocol(Protocol):
         self._early = rest
         self._begin(header.source or (peer_ip, peer_port))
 
-    def _begin(self, client: tuple[str, int]) -> None:
+    def _begin(self, client: tuple[str, int], tls: bool = False, certificate_cn: str | None = None) -> None:
         """
         The client is known: open the session and ask the rule service.
         """
@@ -241,6 +289,7 @@ class RelayProtocol(Protocol):
             local_ip=local_ip,
             local_port=local_port,
             started=runtime.clock.seconds(),
+            tls=tls,
         )
         self.session.terminate = self.terminate
         runtime.sessions.add(self.session)
@@ -250,6 +299,8 @@ class RelayProtocol(Protocol):
             client_port=client_port,
             local_ip=local_ip,
             local_port=local_port,
+            tls=tls,
+            certificate_cn=certificate_cn,
         )
         d = maybeDeferred(runtime.rules.decide, info)
         d.addCallback(self._decided)
@@ -301,9 +352,18 @@ class RelayProtocol(Protocol):
         runtime = self.runtime
         timeout = runtime.mapping.connect_timeout
         timed_out = []
+        self._dest_index = index
+        preamble = b""
+        if destination.proxy_protocol:
+            session = self.session
+            preamble = build_header(
+                destination.proxy_protocol,
+                (session.client_ip, session.client_port),
+                _split_address(session.original_dst) or (session.local_ip, session.local_port),
+            )
         try:
-            endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout)
-            d = endpoint.connect(_DestinationFactory(self))
+            endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout, preamble)
+            d = endpoint.connect(_DestinationFactory(self, tls=destination.tls is not None))
         except Exception:
             d = Deferred()
             d.errback()
@@ -327,15 +387,40 @@ class RelayProtocol(Protocol):
 
     def _connected(self, protocol: DestinationProtocol, destination: Destination) -> None:
         self.peer = protocol
+        self._dest_lost = self._dest_eof = False
         self.session.destination = str(destination)
-        if self._client_lost or self._ended:
+        if self._client_lost or self._reason is not None:
             protocol.transport.abortConnection()
             return
-        if destination.proxy_protocol:
-            session = self.session
-            header_source = (session.client_ip, session.client_port)
-            header_destination = _split_address(session.original_dst) or (session.local_ip, session.local_port)
-            protocol.transport.write(build_header(destination.proxy_protocol, header_source, header_destination))
+        if destination.tls is not None:
+            # Nothing is relayed until the destination has proven who it is.
+            self._dest_timer = self.runtime.clock.callLater(self.runtime.mapping.connect_timeout, self._dest_handshake_timeout)
+            return
+        self._wire()
+
+    def destination_handshake_done(self) -> None:
+        """
+        The TLS handshake with the destination (and its verification) succeeded.
+        """
+        if self._dest_timer is not None and self._dest_timer.active():
+            self._dest_timer.cancel()
+        self._dest_timer = None
+        if self.peer is not None and not self._dest_lost and not self._dest_ready:
+            self._wire()
+
+    def _dest_handshake_timeout(self) -> None:
+        self._dest_timer = None
+        self._dest_handshake_failure = f"no TLS handshake within {self.runtime.mapping.connect_timeout:g}s"
+        if self.peer is not None:
+            self.peer.transport.abortConnection()
+
+    def _wire(self) -> None:
+        """
+        Both legs are ready: join them and let the client's bytes flow.
+        """
+        protocol = self.peer
+        assert protocol is not None
+        self._dest_ready = True
         if self._early:
             early, self._early = self._early, b""
             self.session.bytes_from_client += len(early)
@@ -378,6 +463,12 @@ class RelayProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._header_reader is not None:
             self._header_data(data)
+            return
+        if not self._dest_ready:
+            # Already decrypted (or read with a PROXY header) before the client was paused.
+            self._early += data
+            if len(self._early) > _EARLY_LIMIT:
+                self.terminate("client-closed")
             return
         self.session.bytes_from_client += len(data)
         if self._track_idle:
@@ -449,9 +540,19 @@ class RelayProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._client_lost = True
         if self.session is None:
-            # Closed before it became a session (no complete PROXY header): nothing to report.
+            # Closed before it became a session (no complete PROXY header, no TLS handshake):
+            # nothing to report as an event; a failed handshake is logged.
             if self._header_timer is not None and self._header_timer.active():
                 self._header_timer.cancel()
+            if self._awaiting_handshake:
+                peer_ip, peer_port = _address(self.transport.getPeer())
+                _log.warn(
+                    "mapping {mapping}: TLS handshake with {peer_ip}:{peer_port} failed: {why}",
+                    mapping=self.runtime.mapping.name,
+                    peer_ip=peer_ip,
+                    peer_port=peer_port,
+                    why=describe_tls_failure(self.transport, reason),
+                )
             self._ended = True
             return
         self._first_close = self._first_close or "client-closed"
@@ -472,6 +573,19 @@ class RelayProtocol(Protocol):
         """
         The destination leg is closed.
         """
+        if not self._dest_ready and self.peer is not None:
+            self._destination_not_ready(reason)
+            return
+        if reason.check(SSLError) and self._reason is None and not self._dest_eof:
+            # TLS 1.3: a server that refuses our client certificate says so after the handshake.
+            self._reason = "tls-failed"
+            _log.warn(
+                "mapping {mapping}: session {session}: TLS with {destination} failed: {why}",
+                mapping=self.runtime.mapping.name,
+                session=self.session.id,
+                destination=self.session.destination,
+                why=describe_tls_failure(self.peer.transport if self.peer else None, reason),
+            )
         self._dest_lost = True
         self._first_close = self._first_close or "destination-closed"
         if not self._client_lost:
@@ -481,6 +595,33 @@ class RelayProtocol(Protocol):
             else:
                 self.transport.abortConnection()
         self._maybe_finish()
+
+    def _destination_not_ready(self, reason: Failure) -> None:
+        """
+        The destination closed before it was ready: its TLS handshake or verification failed.
+        """
+        protocol, self.peer = self.peer, None
+        if self._dest_timer is not None and self._dest_timer.active():
+            self._dest_timer.cancel()
+        self._dest_timer = None
+        why = getattr(self, "_dest_handshake_failure", None) or describe_tls_failure(protocol.transport if protocol else None, reason)
+        self._dest_handshake_failure = None
+        if self._client_lost or self._reason is not None:
+            self._maybe_finish()
+            return
+        assert self._decision is not None
+        destination = self._decision.destinations[self._dest_index]
+        _log.warn(
+            "mapping {mapping}: session {session}: TLS with {destination} failed: {why}",
+            mapping=self.runtime.mapping.name,
+            session=self.session.id,
+            destination=str(destination),
+            why=why,
+        )
+        if self._dest_index + 1 < len(self._decision.destinations):
+            self._connect(self._dest_index + 1)
+        else:
+            self._refuse("tls-failed")
 
     def terminate(self, reason: str) -> None:
         """

@@ -38,6 +38,7 @@ class ClientInfo:
     What is known about an accepted client when its destination is chosen.
 
     @ivar original_dst: C{ip:port} the client originally addressed (intercepted connections).
+    @ivar certificate_cn: the subject CN of the client's verified TLS certificate, if any.
     """
 
     mapping: str
@@ -47,6 +48,7 @@ class ClientInfo:
     local_port: int
     original_dst: str | None = None
     tls: bool = False
+    certificate_cn: str | None = None
 
 
 @frozen

@@ -23,11 +23,12 @@ from .config import Config
 from .destinations import StandardEndpointFactory
 from .errors import BindError, WingateMapError
 from .events import AuditLogSink, EventHub, LogSink
-from .identity import AssumedIdentitySource, IdentityResolver
+from .identity import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
 from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
 from .relay import MappingRuntime, RelayFactory
 from .rules import MappingRuleService
 from .sessions import SessionRegistry
+from .tls import half_close_tls_factory, server_options
 
 _log = Logger()
 
@@ -104,8 +105,19 @@ class WingateMapService(MultiService):
         """
         return list(self._ports)
 
+    def _listening_factory(self, mapping: Any, factory: RelayFactory) -> Any:
+        """
+        What the mapping's listeners serve: the relay, behind TLS when the mapping has C{tls}.
+        """
+        if mapping.tls is None:
+            return factory
+        return half_close_tls_factory(server_options(mapping.tls), False, factory)
+
     def _runtime(self, mapping: Any) -> MappingRuntime:
-        identities = IdentityResolver.of(self._identity_sources + (AssumedIdentitySource(self.config.users),))
+        identities = IdentityResolver.of(
+            self._identity_sources
+            + (CertificateIdentitySource(self.config.users), AssumedIdentitySource(self.config.users))
+        )
         return MappingRuntime(
             mapping=mapping,
             rules=MappingRuleService(mapping, identities),
@@ -128,12 +140,13 @@ class WingateMapService(MultiService):
         events = EventHub([LogSink()] + ([self._audit] if self._audit else []) + self._subscribed)
         self.events = events
         factories = {m.name: RelayFactory(self._runtime(m)) for m in self.config.enabled_mappings()}
+        listening = {name: self._listening_factory(self.config.mapping(name), f) for name, f in factories.items()}
         opened: list[tuple[Listener, IListeningPort]] = []
         try:
             for listener in listeners:
                 endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
                 results: list[Any] = []
-                endpoint.listen(factories[listener.mapping]).addBoth(results.append)
+                endpoint.listen(listening[listener.mapping]).addBoth(results.append)
                 if not results:
                     raise BindError(listener.mapping, listener.address, listener.port, "the endpoint did not listen synchronously")
                 if isinstance(results[0], Failure):

@@ -73,18 +73,27 @@ class ConnectAttempt:
     deferred: Deferred[Any]
     protocol: Any = None
     transport: FakeTransport | None = None
+    preamble: bytes = b""
 
     def succeed(self) -> Any:
         """
-        The destination accepted: connect a L{FakeTransport} and fire the attempt.
+        The destination accepted: connect a L{FakeTransport} (the preamble, if any, written
+        first) and fire the attempt.  For a TLS destination, call L{handshake} next.
         """
         self.protocol = self.factory.buildProtocol(None)
         self.transport = FakeTransport(
             host=IPv4Address("TCP", "127.0.0.1", 40000), peer=IPv4Address("TCP", "192.0.2.10", 80)
         )
+        self.transport.write(self.preamble)
         self.protocol.makeConnection(self.transport)
         self.deferred.callback(self.protocol)
         return self.protocol
+
+    def handshake(self) -> None:
+        """
+        The destination's TLS handshake completed.
+        """
+        self.protocol.handshakeCompleted()
 
     def fail(self, reason: BaseException | None = None) -> None:
         """
@@ -110,7 +119,7 @@ class FakeEndpoints:
 
     attempts: list[ConnectAttempt] = field(factory=list)
 
-    def endpoint_for_destination(self, destination: Destination, timeout: float) -> Any:
+    def endpoint_for_destination(self, destination: Destination, timeout: float, preamble: bytes = b"") -> Any:
         """
         See L{IDestinationEndpointFactory.endpoint_for_destination}.
         """
@@ -119,7 +128,7 @@ class FakeEndpoints:
         class _Endpoint:
             def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
                 d: Deferred[Any] = Deferred()
-                owner.attempts.append(ConnectAttempt(destination, timeout, factory, d))
+                owner.attempts.append(ConnectAttempt(destination, timeout, factory, d, preamble=preamble))
                 return d
 
         return _Endpoint()
