@@ -2,14 +2,15 @@
 How to reach a destination: building the client endpoint for it.
 
 Host names are resolved at every connection (L{HostnameEndpoint}: IPv4 and IPv6, Happy
-Eyeballs), never only at start.
+Eyeballs), never only at start; IP addresses are connected to directly.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
@@ -38,6 +39,18 @@ class StandardEndpointFactory:
             creator = self._creators[destination] = client_creator(host, destination.tls)
         return creator
 
+    def _tcp_endpoint(self, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        # An IP address needs no resolution: connect straight to it.  (HostnameEndpoint would
+        # send even a literal through the thread-pool resolver, which halves the connection
+        # rate.)  Names go through HostnameEndpoint, resolved at every connection.
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        if address.version == 4:
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+
     def endpoint_for_destination(self, destination: Destination, timeout: float, preamble: bytes = b"") -> IStreamClientEndpoint:
         """
         See L{IDestinationEndpointFactory.endpoint_for_destination}.
@@ -46,7 +59,7 @@ class StandardEndpointFactory:
             inner = clientFromString(self._reactor, destination.endpoint)
         else:
             assert destination.host is not None and destination.port is not None
-            inner = HostnameEndpoint(self._reactor, destination.host, destination.port, timeout=timeout)
+            inner = self._tcp_endpoint(destination.host, destination.port, timeout)
         if destination.tls is not None:
             return _TLSEndpoint(inner, self._creator(destination), preamble)
         if preamble:

@@ -116,26 +116,31 @@ class LogSink:
 
     log = Logger(namespace="wingate_map.events")
 
+    # The text is built once with an f-string and logged as "{text}": formatting a 14-field
+    # format string through twisted.logger for every connection costs more than the relay.
+
     def client_connect(self, event: dict[str, Any]) -> None:
         """
         Log ClientConnect.
         """
-        self.log.info(
-            "ClientConnect {session} mapping={mapping} client={client_ip}:{client_port} "
-            "user={user} ({identity}) rule={rule} destination={destination}",
-            **event,
+        text = (
+            f"ClientConnect {event['session']} mapping={event['mapping']} "
+            f"client={event['client_ip']}:{event['client_port']} user={event['user']} ({event['identity']}) "
+            f"rule={event['rule']} destination={event['destination']}"
         )
+        self.log.info("{text}", text=text, **event)
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """
         Log ClientDisconnect.
         """
-        self.log.info(
-            "ClientDisconnect {session} mapping={mapping} client={client_ip}:{client_port} "
-            "destination={destination} reason={reason} bytes_from_client={bytes_from_client} "
-            "bytes_to_client={bytes_to_client} duration={duration}",
-            **event,
+        text = (
+            f"ClientDisconnect {event['session']} mapping={event['mapping']} "
+            f"client={event['client_ip']}:{event['client_port']} destination={event['destination']} "
+            f"reason={event['reason']} bytes_from_client={event['bytes_from_client']} "
+            f"bytes_to_client={event['bytes_to_client']} duration={event['duration']}"
         )
+        self.log.info("{text}", text=text, **event)
 
 
 @implementer(IEventSink)

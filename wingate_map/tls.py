@@ -406,10 +406,9 @@ def _half_close_classes() -> tuple[type, type]:
             if self._read_shut:
                 return
             self._read_shut = True
+            self.wrappedProtocol.readConnectionLost()
             if self._write_shut:
                 self._close_transport()
-            else:
-                self.wrappedProtocol.readConnectionLost()
 
         def readConnectionLost(self) -> None:
             """
