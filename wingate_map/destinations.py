@@ -7,10 +7,14 @@ Eyeballs), never only at start; IP addresses are connected to directly.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, clientFromString
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, clientFromString
+from twisted.internet.error import ConnectingCancelledError
+from twisted.internet.protocol import ClientFactory
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
@@ -43,13 +47,9 @@ class StandardEndpointFactory:
         # An IP address needs no resolution: connect straight to it.  (HostnameEndpoint would
         # send even a literal through the thread-pool resolver, which halves the connection
         # rate.)  Names go through HostnameEndpoint, resolved at every connection.
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
+        if _ip_version(host) is None:
             return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
-        if address.version == 4:
-            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
-        return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        return _DirectTCPEndpoint(self._reactor, host, port, timeout)
 
     def endpoint_for_destination(self, destination: Destination, timeout: float, preamble: bytes = b"") -> IStreamClientEndpoint:
         """
@@ -65,6 +65,70 @@ class StandardEndpointFactory:
         if preamble:
             return _PreambleEndpoint(inner, preamble)
         return inner
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_version(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
+class _OneShotFactory(ClientFactory):
+    """
+    Builds the caller's protocol itself (no wrapper protocol in the data path) and fires the
+    connect Deferred once that protocol's connectionMade has run.
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped: Any, deferred: Deferred[Any]) -> None:
+        self._wrapped = wrapped
+        self._deferred = deferred
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self._wrapped.buildProtocol(addr)
+        make_connection = protocol.makeConnection
+        deferred = self._deferred
+
+        def made(transport: Any) -> None:
+            make_connection(transport)
+            del protocol.makeConnection
+            deferred.callback(protocol)
+
+        protocol.makeConnection = made
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self._deferred.called:
+            self._deferred.errback(reason)
+
+
+class _DirectTCPEndpoint:
+    """
+    A TCP connection straight to an IP address with C{reactor.connectTCP}: what
+    TCP4ClientEndpoint does, minus the wrapper protocol that would sit in the data path of
+    every relayed connection.  Cancelling stops the attempt.
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, timeout: float) -> None:
+        self._reactor = reactor
+        self._host = host
+        self._port = port
+        self._timeout = timeout
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        connector: list[Any] = []
+
+        def cancel(d: Deferred[Any]) -> None:
+            connector[0].stopConnecting()
+            if not d.called:
+                d.errback(ConnectingCancelledError(connector[0].getDestination()))
+
+        d: Deferred[Any] = Deferred(cancel)
+        connector.append(self._reactor.connectTCP(self._host, self._port, _OneShotFactory(factory, d), timeout=self._timeout))
+        return d
 
 
 class _TLSEndpoint:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -54,34 +54,34 @@ class EventHub:
         if sink in self._sinks:
             self._sinks.remove(sink)
 
-    def client_connect(self, event: dict[str, Any]) -> Deferred[bool]:
+    def client_connect(self, event: dict[str, Any]) -> bool | Deferred[bool]:
         """
         Offer ClientConnect to each sink in turn.
 
-        @return: a Deferred firing with C{True} when every sink allowed the session, C{False} at
-            the first that blocked it (by returning C{False}, or by failing, which is logged).
+        @return: C{True} when every sink allowed the session, C{False} at the first that
+            blocked it (by returning C{False}, or by failing, which is logged); a Deferred firing
+            with that answer if a sink answered with a Deferred (synchronous sinks cost no
+            Deferred: this runs for every connection).
         """
-        sinks = list(self._sinks)
+        return self._offer(list(self._sinks), 0, event)
 
-        def next_sink(index: int) -> Deferred[bool] | bool:
-            while index < len(sinks):
-                sink = sinks[index]
-                try:
-                    result = sink.client_connect(dict(event))
-                except Exception:
-                    _log.failure("event sink {sink!r} failed on ClientConnect of session {session}; blocking it", sink=sink, session=event["session"])
-                    return False
-                if isinstance(result, Deferred):
-                    return result.addCallbacks(
-                        lambda allowed, i=index: next_sink(i + 1) if allowed is not False else False,
-                        lambda failure, s=sink: _blocked_by_failure(failure, s, event),
-                    )
-                if result is False:
-                    return False
-                index += 1
-            return True
-
-        return maybeDeferred(next_sink, 0) if sinks else succeed(True)
+    def _offer(self, sinks: list[IEventSink], index: int, event: dict[str, Any]) -> bool | Deferred[bool]:
+        while index < len(sinks):
+            sink = sinks[index]
+            try:
+                result = sink.client_connect(dict(event))
+            except Exception:
+                _log.failure("event sink {sink!r} failed on ClientConnect of session {session}; blocking it", sink=sink, session=event["session"])
+                return False
+            if isinstance(result, Deferred):
+                return result.addCallbacks(
+                    lambda allowed, i=index: self._offer(sinks, i + 1, event) if allowed is not False else False,
+                    lambda failure, s=sink: _blocked_by_failure(failure, s, event),
+                )
+            if result is False:
+                return False
+            index += 1
+        return True
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """

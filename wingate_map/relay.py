@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorTime
 from OpenSSL.SSL import Error as SSLError
@@ -302,11 +302,22 @@ class RelayProtocol(Protocol):
             tls=tls,
             certificate_cn=certificate_cn,
         )
-        d = maybeDeferred(runtime.rules.decide, info)
-        d.addCallback(self._decided)
-        d.addErrback(self._internal_error)
+        # Synchronous answers are used as they come (no Deferred per connection); a rule
+        # service or sink may still answer with a Deferred.
+        try:
+            decision = runtime.rules.decide(info)
+        except Exception:
+            self._internal_error(Failure())
+            return
+        if isinstance(decision, Deferred):
+            decision.addCallback(self._decided).addErrback(self._internal_error)
+            return
+        try:
+            self._decided(decision)
+        except Exception:
+            self._internal_error(Failure())
 
-    def _decided(self, decision: Decision) -> Deferred[None]:
+    def _decided(self, decision: Decision) -> Deferred[None] | None:
         self._decision = decision
         session = self.session
         session.user = decision.identity.user
@@ -314,8 +325,11 @@ class RelayProtocol(Protocol):
         session.rule = decision.rule
         if decision.action == CONNECT and decision.destinations:
             session.destination = str(decision.destinations[0])
-        d = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()))
-        return d.addCallback(self._allowed)
+        allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()))
+        if isinstance(allowed, Deferred):
+            return allowed.addCallback(self._allowed)
+        self._allowed(allowed)
+        return None
 
     def _allowed(self, allowed: bool) -> None:
         self._deciding = False

@@ -31,12 +31,20 @@ REASONS = (
 )
 
 
+_last_second: list[Any] = [None, ""]
+
+
 def utc_iso(seconds: float) -> str:
     """
     C{seconds} since the epoch as UTC ISO 8601 with milliseconds, e.g. C{2026-11-26T10:00:00.000Z}.
+    (The date and time part is formatted once per second: this runs twice per connection.)
     """
-    stamp = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    whole = int(seconds)
+    if _last_second[0] != whole:
+        _last_second[0] = whole
+        _last_second[1] = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    millis = min(999, int((seconds - whole) * 1000))
+    return f"{_last_second[1]}.{millis:03d}Z"
 
 
 @define(eq=False)
