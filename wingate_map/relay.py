@@ -177,7 +177,16 @@ class RelayProtocol(Protocol):
     noisy = False
 
     def __init__(self, runtime: MappingRuntime) -> None:
+        # Every attribute is set here, always in this order, so that CPython shares one key
+        # table among all relays' instance dicts (attributes added later would unshare it).
         self.runtime = runtime
+        self.factory: Any = None
+        self.connected = 0
+        self.transport: Any = None
+        self.session = None
+        self.peer = None
+        self._header_reader = None
+        self._header_timer = None
         self._decision: Decision | None = None
         self._connecting: Deferred[Any] | None = None
         self._deciding = True
@@ -195,6 +204,7 @@ class RelayProtocol(Protocol):
         self._dest_ready = False
         self._dest_index = 0
         self._dest_timer: Any = None
+        self._dest_handshake_failure: str | None = None
         self._awaiting_handshake = False
 
     # -- accept and decide -------------------------------------------------------------------
@@ -618,7 +628,7 @@ class RelayProtocol(Protocol):
         if self._dest_timer is not None and self._dest_timer.active():
             self._dest_timer.cancel()
         self._dest_timer = None
-        why = getattr(self, "_dest_handshake_failure", None) or describe_tls_failure(protocol.transport if protocol else None, reason)
+        why = self._dest_handshake_failure or describe_tls_failure(protocol.transport if protocol else None, reason)
         self._dest_handshake_failure = None
         if self._client_lost or self._reason is not None:
             self._maybe_finish()
