@@ -15,7 +15,7 @@ import ipaddress
 import socket
 from typing import Iterable
 
-from attrs import frozen
+from attrs import field, frozen
 
 from .config import Config, format_host_port
 from .errors import BindingError
@@ -37,12 +37,15 @@ class Adapter:
 @frozen
 class Listener:
     """
-    One socket to listen on: C{address}:C{port} for mapping C{mapping}.
+    One socket to listen on: C{address}:C{port} for mapping C{mapping}; C{intercept} for an
+    intercept port; C{adapter} is the adapter that has the address (if any).
     """
 
     mapping: str
     address: str
     port: int
+    intercept: bool = field(default=False, eq=False)
+    adapter: str | None = field(default=None, eq=False)
 
     def __str__(self) -> str:
         return format_host_port(self.address, self.port)
@@ -109,15 +112,23 @@ def resolve_bind(
     return list(out)
 
 
-def plan_listeners(config: Config, adapters: Iterable[Adapter] | None = None) -> list[Listener]:
+def plan_listeners(
+    config: Config, adapters: Iterable[Adapter] | None = None, warnings: list[str] | None = None
+) -> list[Listener]:
     """
-    Every listener the enabled mappings of C{config} need on this machine.
+    Every listener the enabled mappings of C{config} need on this machine: the service port
+    and every intercept port, on every address the mapping's bind resolves to.
 
-    @raise BindingError: a mapping binds to no address, or two mappings claim the same address and
-        port.  Every problem is listed.
+    A bind that matches no address now is not an error when it names adapters or usage classes
+    (they are followed as they come and go): it is reported in C{warnings} if given, else an
+    error.
+
+    @raise BindingError: two mappings claim the same address and port, or a bind matches no
+        address (see above).  Every problem is listed.
     """
     adapters = tuple(list_adapters() if adapters is None else adapters)
     overrides = config.interface_classes()
+    owner = {address: a.name for a in adapters for address in a.addresses}
     problems = []
     claimed: dict[tuple[str, int], str] = {}
     listeners = []
@@ -125,18 +136,24 @@ def plan_listeners(config: Config, adapters: Iterable[Adapter] | None = None) ->
         addresses = resolve_bind(mapping.bind, adapters, overrides)
         if not addresses:
             known = ", ".join(f"{a.name} ({classify(a, overrides)})" for a in adapters) or "none"
-            problems.append(
-                f"mappings.{mapping.name}.bind: {list(mapping.bind)} matches no address on this machine (adapters: {known})"
-            )
+            message = f"mappings.{mapping.name}.bind: {list(mapping.bind)} matches no address on this machine (adapters: {known})"
+            if warnings is not None:
+                warnings.append(message + "; waiting for one to appear")
+            else:
+                problems.append(message)
         for address in addresses:
-            key = (address, mapping.port)
-            if key in claimed:
-                problems.append(
-                    f"mappings.{mapping.name}.port: {format_host_port(address, mapping.port)} is already used by mapping {claimed[key]}"
+            for port in mapping.ports():
+                key = (address, port)
+                if key in claimed:
+                    problems.append(
+                        f"mappings.{mapping.name}.{'port' if port == mapping.port else 'intercept'}: "
+                        f"{format_host_port(address, port)} is already used by mapping {claimed[key]}"
+                    )
+                    continue
+                claimed[key] = mapping.name
+                listeners.append(
+                    Listener(mapping=mapping.name, address=address, port=port, intercept=port != mapping.port, adapter=owner.get(address))
                 )
-                continue
-            claimed[key] = mapping.name
-            listeners.append(Listener(mapping=mapping.name, address=address, port=mapping.port))
     if problems:
         raise BindingError("\n".join(problems))
     return listeners

@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run every enabled mapping (same as twistd -n wingatemap run)")
     check = commands.add_parser("check", help="validate the configuration and print listeners and mappings")
     explain = commands.add_parser("explain", help="show who CLIENT_IP is, which rule matches and why, and its destination")
-    for sub in (run, check, explain):
+    rules = commands.add_parser("intercept-rules", help="print the nftables ruleset transparent interception needs")
+    for sub in (run, check, explain, rules):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file (default ./{DEFAULT_CONFIG_PATH})")
         sub.add_argument("--map", action="append", default=[], metavar="[ADDRESS:]PORT=HOST:PORT", help="a quick mapping (repeatable)")
     explain.add_argument("mapping", metavar="MAPPING", help="the mapping's name")
@@ -48,15 +49,20 @@ def describe(config: Config) -> list[str]:
     The lines C{check} prints for a valid configuration.
     """
     lines = [f"{config.source}: OK", "listeners:"]
-    listeners = plan_listeners(config)
+    binding_warnings: list[str] = []
+    listeners = plan_listeners(config, warnings=binding_warnings)
     for listener in listeners:
-        lines.append(f"  {listener} -> {listener.mapping}")
+        kind = " (intercept)" if listener.intercept else ""
+        lines.append(f"  {listener} -> {listener.mapping}{kind}")
     lines.append("mappings:")
     for mapping in config.mappings:
         if not mapping.enabled:
             lines.append(f"  {mapping.name}: disabled")
             continue
         lines.append(f"  {mapping.name}: port {mapping.port}, bind {', '.join(mapping.bind)}, connect_timeout {mapping.connect_timeout:g}s, idle_timeout {mapping.idle_timeout:g}s")
+        if mapping.intercept:
+            how = ", transparently (connections to any host)" if mapping.intercept_transparent else ""
+            lines.append(f"    intercepts port(s) {_ports_text(mapping.intercept)}{how}")
         if mapping.proxy_protocol:
             trusted = ", ".join(str(l) for l in mapping.proxy_protocol_from) if mapping.proxy_protocol_from else "any peer"
             lines.append(f"    expects a PROXY header from {trusted}")
@@ -72,9 +78,41 @@ def describe(config: Config) -> list[str]:
             groups = f" groups {', '.join(user.groups)}" if user.groups else ""
             places = ", ".join(str(l) for l in user.locations) or "(no locations)"
             lines.append(f"  {user.name}: {places}{groups}")
-    for warning in config.warnings:
+    for warning in list(config.warnings) + binding_warnings:
         lines.append(f"warning: {warning}")
     return lines
+
+
+def _ports_text(ports: tuple[int, ...]) -> str:
+    from .interception import _port_set
+
+    return _port_set(ports).strip("{} ")
+
+
+def _intercept_rules(args: argparse.Namespace) -> int:
+    from .bindings import plan_listeners
+    from .interception import Redirect, ruleset
+    from .tap import build_config
+
+    try:
+        config = build_config(args.config, args.map, check_bindings=False)
+        listeners = plan_listeners(config, warnings=[])
+    except WingateMapError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID
+    import ipaddress
+
+    chosen: dict[tuple[str, str, int], Redirect] = {}
+    for listener in listeners:
+        mapping = config.mapping(listener.mapping)
+        if mapping.intercept_transparent and listener.intercept and listener.adapter and not ipaddress.ip_address(listener.address).is_loopback:
+            chosen.setdefault((mapping.name, listener.adapter, ipaddress.ip_address(listener.address).version), Redirect(mapping.name, listener.adapter, listener.address, mapping.intercept))
+    if not any(m.intercept_transparent for m in config.enabled_mappings()):
+        print("# no enabled mapping has intercept_transparent = true: no rules needed", file=sys.stderr)
+    print(f"# nftables ruleset for transparent interception ({config.source}), for this machine's adapters now.")
+    print("# Apply with: nft -f FILE   (wingatemap installs and removes it itself when it runs as root)")
+    print(ruleset(chosen.values()), end="")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -133,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "intercept-rules":
+        return _intercept_rules(args)
     return _check(args)
 
 

@@ -40,7 +40,8 @@ _USER_KEYS = ("locations", "groups", "certificates")
 _RULE_KEYS = ("user", "group", "from", "not_from", "to", "action")
 RESERVED_USERS = ("guest",)
 EVERYONE = "everyone"
-_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers")
+_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers", "adapter_poll_interval")
+MAX_INTERCEPT_PORTS = 1024
 _MAPPING_KEYS = (
     "port",
     "enabled",
@@ -58,8 +59,6 @@ _MAPPING_KEYS = (
     "max_connections_per_client",
 )
 _MAPPING_NOT_YET = (
-    "intercept",
-    "intercept_transparent",
     "max_connections",
     "max_connections_per_client",
 )
@@ -131,6 +130,14 @@ class Mapping:
     proxy_protocol: bool = False
     proxy_protocol_from: tuple[Location, ...] | None = None
     tls: ServerTls | None = None
+    intercept: tuple[int, ...] = ()
+    intercept_transparent: bool = False
+
+    def ports(self) -> tuple[int, ...]:
+        """
+        The service port, then the intercept ports.
+        """
+        return (self.port,) + self.intercept
 
 
 @frozen
@@ -193,6 +200,7 @@ class ServiceSettings:
     drain_timeout: float = 30.0
     audit_log: str | None = None
     workers: int = 1
+    adapter_poll_interval: float = 2.0
 
 
 @frozen
@@ -651,6 +659,65 @@ def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...])
     return tuple(rules)
 
 
+def _read_intercept(reader: _Reader, table: dict[str, Any], path: str, port: int) -> tuple[int, ...]:
+    value = table.get("intercept", [])
+    where = f"{path}.intercept"
+    if not isinstance(value, list):
+        reader.error(where, f"{_describe(value)} is not allowed; expected a list of ports and \"lo-hi\" ranges, e.g. [3390, \"5000-5010\"]")
+        return ()
+    ports: list[int] = []
+    for i, item in enumerate(value):
+        item_path = f"{where}[{i}]"
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 1 <= item <= 65535:
+                reader.error(item_path, f"{item} is not a valid port; expected an integer 1-65535")
+                continue
+            ports.append(item)
+        elif isinstance(item, str) and re.match(r"^\d+-\d+$", item.strip()):
+            lo, hi = (int(x) for x in item.strip().split("-"))
+            if not (1 <= lo <= hi <= 65535):
+                reader.error(item_path, f"{_describe(item)} is not a valid range; expected \"lo-hi\" with 1 <= lo <= hi <= 65535")
+                continue
+            ports.extend(range(lo, hi + 1))
+        else:
+            reader.error(item_path, f"{_describe(item)} is not allowed; expected a port or a \"lo-hi\" range")
+    if port and port in ports:
+        reader.error(where, f"includes the mapping's own port {port}")
+    duplicates = sorted({p for p in ports if ports.count(p) > 1})
+    if duplicates:
+        reader.error(where, f"lists port(s) {', '.join(map(str, duplicates))} more than once")
+    unique = tuple(sorted(set(ports) - {port}))
+    if len(unique) > MAX_INTERCEPT_PORTS:
+        reader.error(where, f"{len(unique)} ports is more than the {MAX_INTERCEPT_PORTS} allowed per mapping (each is a listener on every bound address)")
+        return ()
+    return unique
+
+
+def _bind_overlap(a: "Mapping", b: "Mapping") -> bool:
+    """
+    Whether two mappings' bind lists certainly share addresses (a common item, or "all").
+    Overlaps that depend on the adapters (a class and an address in it) are found when the
+    listeners are planned, at start and by check, which name both mappings too.
+    """
+    return "all" in a.bind or "all" in b.bind or bool(set(a.bind) & set(b.bind))
+
+
+def _check_port_conflicts(reader: _Reader, mappings: list["Mapping"]) -> None:
+    enabled = [m for m in mappings if m.enabled]
+    for i, a in enumerate(enabled):
+        for b in enabled[i + 1 :]:
+            shared = sorted(set(a.ports()) & set(b.ports()))
+            if not shared or not _bind_overlap(a, b):
+                continue
+            for port in shared:
+                what_a = "port" if port == a.port else "intercept"
+                what_b = "port" if port == b.port else "intercept port"
+                reader.error(
+                    f"mappings.{b.name}.{'port' if port == b.port else 'intercept'}",
+                    f"port {port} is also mapping {a.name}'s {'service port' if what_a == 'port' else 'intercept port'} on overlapping bindings ({', '.join(a.bind)} / {', '.join(b.bind)}); this mapping's {what_b} would clash",
+                )
+
+
 def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...]) -> Mapping | None:
     path = f"mappings.{name}"
     if not isinstance(table, dict):
@@ -680,6 +747,10 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         reader.error(f"{path}.proxy_protocol_from", "is only allowed with proxy_protocol = true")
     if proxy_protocol and proxy_from is None:
         reader.warn(f"{path}.proxy_protocol", "any peer may send a PROXY header and so choose its client address; list your load balancers in proxy_protocol_from")
+    intercept = _read_intercept(reader, table, path, port)
+    transparent = reader.boolean(table, "intercept_transparent", f"{path}.intercept_transparent", False)
+    if transparent and not intercept:
+        reader.error(f"{path}.intercept_transparent", "needs intercept ports to catch (intercept = [...])")
     tls = _read_server_tls(reader, table["tls"], f"{path}.tls") if "tls" in table else None
     if tls is not None and proxy_protocol:
         reader.error(f"{path}.proxy_protocol", "cannot be combined with tls on the same mapping in this version")
@@ -697,6 +768,8 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         proxy_protocol=proxy_protocol,
         proxy_protocol_from=proxy_from,
         tls=tls,
+        intercept=intercept,
+        intercept_transparent=transparent,
     )
 
 
@@ -725,11 +798,13 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         mapping = _read_mapping(reader, name, table, users)
         if mapping is not None:
             mappings.append(mapping)
+    _check_port_conflicts(reader, mappings)
+    poll = reader.number(service_table, "adapter_poll_interval", "service.adapter_poll_interval", 2.0, 0.0, exclusive_minimum=True)
 
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
-        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers),
+        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),
         users=users,

@@ -29,6 +29,8 @@ from zope.interface import implementer
 from .config import Destination, Mapping
 from .events import EventHub
 from .interfaces import IDestinationEndpointFactory, IRuleService
+from .config import format_host_port
+from .interception import original_destination
 from .locations import LocationSet, client_address
 from .proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
 from .tls import describe_tls_failure, subject_common_name
@@ -101,8 +103,9 @@ class RelayFactory(Factory):
 
     noisy = False
 
-    def __init__(self, runtime: MappingRuntime) -> None:
+    def __init__(self, runtime: MappingRuntime, intercepting: bool = False) -> None:
         self.runtime = runtime
+        self.intercepting = intercepting
 
     def buildProtocol(self, addr: Any) -> "RelayProtocol":
         protocol = RelayProtocol(self.runtime)
@@ -291,6 +294,12 @@ class RelayProtocol(Protocol):
         runtime = self.runtime
         client_ip, client_port = client
         local_ip, local_port = _address(self.transport.getHost())
+        original_dst = None
+        if self.factory is not None and self.factory.intercepting:
+            # On an intercept port: where the client was really going (before our NAT), or
+            # this gateway when it addressed the port here directly.
+            original = original_destination(self.transport) or (local_ip, local_port)
+            original_dst = format_host_port(*original)
         self.session = Session(
             id=runtime.sessions.new_id(),
             mapping=runtime.mapping.name,
@@ -300,6 +309,7 @@ class RelayProtocol(Protocol):
             local_port=local_port,
             started=runtime.clock.seconds(),
             tls=tls,
+            original_dst=original_dst,
         )
         self.session.terminate = self.terminate
         runtime.sessions.add(self.session)
@@ -311,6 +321,7 @@ class RelayProtocol(Protocol):
             local_port=local_port,
             tls=tls,
             certificate_cn=certificate_cn,
+            original_dst=original_dst,
         )
         # Synchronous answers are used as they come (no Deferred per connection); a rule
         # service or sink may still answer with a Deferred.

@@ -9,19 +9,22 @@ then ends the rest with reason C{shutdown}.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .bindings import Adapter, Listener, plan_listeners
+from .interception import TABLE, InterceptionError, Redirect, install, remove, ruleset
 from .config import Config
 from .destinations import StandardEndpointFactory
-from .errors import BindError, WingateMapError
+from .errors import BindError, BindingError, WingateMapError
 from .events import AuditLogSink, EventHub, LogSink
 from .identity import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
 from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
@@ -74,9 +77,13 @@ class WingateMapService(MultiService):
         self.events = EventHub()
         self._subscribed = list(sinks)
         self._audit: AuditLogSink | None = None
-        self._ports: list[tuple[Listener, IListeningPort]] = []
+        self._ports: dict[Listener, IListeningPort] = {}
         self.factories: dict[str, RelayFactory] = {}
-        self._listening = False
+        self._listening: dict[tuple[str, bool], Any] = {}
+        self._started = False
+        self._warned: set[str] = set()
+        self._poller: LoopingCall | None = None
+        self._ruleset: str | None = None
 
     @property
     def reactor(self) -> Any:
@@ -93,7 +100,7 @@ class WingateMapService(MultiService):
         """
         Add an event sink after the built-in ones; it may veto ClientConnect.
         """
-        if self._listening:
+        if self._started:
             self.events.subscribe(sink)
         else:
             self._subscribed.append(sink)
@@ -103,7 +110,7 @@ class WingateMapService(MultiService):
         """
         The open listeners and their ports.
         """
-        return list(self._ports)
+        return list(self._ports.items())
 
     def _listening_factory(self, mapping: Any, factory: RelayFactory) -> Any:
         """
@@ -127,11 +134,64 @@ class WingateMapService(MultiService):
             clock=self.reactor,
         )
 
+    def _plan(self) -> list[Listener]:
+        warnings: list[str] = []
+        listeners = plan_listeners(self.config, None if self._adapters is None else self._adapters(), warnings)
+        for warning in warnings:
+            if warning not in self._warned:
+                self._warned.add(warning)
+                _log.warn("{warning}", warning=warning)
+        return listeners
+
+    def _open(self, listener: Listener) -> IListeningPort:
+        """
+        Listen for C{listener}; L{BindError} if it cannot.
+        """
+        factory = self._listening[(listener.mapping, listener.intercept)]
+        endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
+        results: list[Any] = []
+        endpoint.listen(factory).addBoth(results.append)
+        if not results:
+            raise BindError(listener.mapping, listener.address, listener.port, "the endpoint did not listen synchronously")
+        if isinstance(results[0], Failure):
+            error = results[0].value
+            socket_error = getattr(error, "socketError", None)
+            why = getattr(socket_error, "strerror", None) or str(socket_error or error)
+            raise BindError(listener.mapping, listener.address, listener.port, why)
+        return results[0]
+
+    def _redirects(self) -> list[Redirect]:
+        """
+        The nftables redirects transparent interception needs for the open listeners: for each
+        bound adapter and address family, its first listening address.
+        """
+        chosen: dict[tuple[str, str, int], Redirect] = {}
+        for listener in self._ports:
+            mapping = self.config.mapping(listener.mapping)
+            if not (mapping.intercept_transparent and listener.intercept and listener.adapter):
+                continue
+            address = ipaddress.ip_address(listener.address)
+            if address.is_loopback:
+                continue
+            key = (mapping.name, listener.adapter, address.version)
+            if key not in chosen:
+                chosen[key] = Redirect(mapping.name, listener.adapter, listener.address, mapping.intercept)
+        return list(chosen.values())
+
+    def _apply_interception(self) -> None:
+        if not any(m.intercept_transparent for m in self.config.enabled_mappings()):
+            return
+        script = ruleset(self._redirects())
+        if script != self._ruleset:
+            install(script)
+            self._ruleset = script
+            _log.info("transparent interception: nftables table inet {table} installed:\n{script}", table=TABLE, script=script)
+
     def _listen(self) -> None:
         """
-        Open every listener, or none.
+        Open every listener, or none; install the interception table if any mapping asks.
         """
-        listeners = plan_listeners(self.config, None if self._adapters is None else self._adapters())
+        listeners = self._plan()
         if self.config.service.audit_log:
             try:
                 self._audit = AuditLogSink(self.config.service.audit_log)
@@ -139,44 +199,80 @@ class WingateMapService(MultiService):
                 raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
         events = EventHub([LogSink()] + ([self._audit] if self._audit else []) + self._subscribed)
         self.events = events
-        factories = {m.name: RelayFactory(self._runtime(m)) for m in self.config.enabled_mappings()}
-        listening = {name: self._listening_factory(self.config.mapping(name), f) for name, f in factories.items()}
-        opened: list[tuple[Listener, IListeningPort]] = []
+        self.factories = {m.name: RelayFactory(self._runtime(m)) for m in self.config.enabled_mappings()}
+        self._listening = {}
+        for name, factory in self.factories.items():
+            mapping = self.config.mapping(name)
+            intercepting = RelayFactory(factory.runtime, intercepting=True)
+            self._listening[(name, False)] = self._listening_factory(mapping, factory)
+            self._listening[(name, True)] = self._listening_factory(mapping, intercepting)
+        opened: dict[Listener, IListeningPort] = {}
         try:
             for listener in listeners:
-                endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
-                results: list[Any] = []
-                endpoint.listen(listening[listener.mapping]).addBoth(results.append)
-                if not results:
-                    raise BindError(listener.mapping, listener.address, listener.port, "the endpoint did not listen synchronously")
-                if isinstance(results[0], Failure):
-                    error = results[0].value
-                    socket_error = getattr(error, "socketError", None)
-                    why = getattr(socket_error, "strerror", None) or str(socket_error or error)
-                    raise BindError(listener.mapping, listener.address, listener.port, why)
-                opened.append((listener, results[0]))
+                opened[listener] = self._open(listener)
+            self._ports = opened
+            self._apply_interception()
         except BaseException:
-            for _, port in opened:
+            self._ports = {}
+            for port in opened.values():
                 port.stopListening()
             if self._audit is not None:
                 self._audit.close()
                 self._audit = None
             raise
-        self._ports = opened
-        self.factories = factories
-        self._listening = True
+        self._started = True
         for warning in self.config.warnings:
             _log.warn("configuration: {warning}", warning=str(warning))
         for mapping in self.config.enabled_mappings():
-            addresses = ", ".join(str(l) for l, _ in opened if l.mapping == mapping.name)
+            addresses = ", ".join(str(l) for l in opened if l.mapping == mapping.name and not l.intercept)
             default = " | ".join(str(d) for d in mapping.default) or "(none: unmatched clients are refused)"
-            _log.info("mapping {mapping}: listening on {addresses}; default destination {default}", mapping=mapping.name, addresses=addresses, default=default)
+            _log.info("mapping {mapping}: listening on {addresses}; default destination {default}", mapping=mapping.name, addresses=addresses or "(no address yet)", default=default)
+            if mapping.intercept:
+                ports = ", ".join(str(p) for p in mapping.intercept)
+                _log.info("mapping {mapping}: intercepting port(s) {ports}{how}", mapping=mapping.name, ports=ports, how=" transparently (any destination)" if mapping.intercept_transparent else "")
+        self._poller = LoopingCall(self.refresh_bindings)
+        self._poller.clock = self.reactor
+        self._poller.start(self.config.service.adapter_poll_interval, now=False).addErrback(
+            lambda f: _log.failure("adapter watcher stopped", f)
+        )
+
+    def refresh_bindings(self) -> None:
+        """
+        Follow the adapters: listen on addresses that appeared, stop listening on ones that are
+        gone (their sessions live on), and update the interception table.  Never fatal.
+        """
+        if not self._started:
+            return
+        try:
+            wanted = self._plan()
+        except BindingError as e:
+            _log.error("cannot follow adapter changes: {error}", error=str(e))
+            return
+        current = set(self._ports)
+        wanted_set = set(wanted)
+        for listener in [l for l in self._ports if l not in wanted_set]:
+            port = self._ports.pop(listener)
+            port.stopListening()
+            _log.info("mapping {mapping}: address {address} is gone; stopped listening on {listener}", mapping=listener.mapping, address=listener.address, listener=str(listener))
+        for listener in wanted:
+            if listener in current:
+                continue
+            try:
+                self._ports[listener] = self._open(listener)
+            except BindError as e:
+                _log.error("{error} (will retry)", error=str(e))
+                continue
+            _log.info("mapping {mapping}: new address {address}; listening on {listener}", mapping=listener.mapping, address=listener.address, listener=str(listener))
+        try:
+            self._apply_interception()
+        except InterceptionError as e:
+            _log.error("{error}", error=str(e))
 
     def privilegedStartService(self) -> None:
         """
         Bind every listener (before twistd drops privileges).
         """
-        if not self._listening:
+        if not self._started:
             self._listen()
         super().privilegedStartService()
 
@@ -184,7 +280,7 @@ class WingateMapService(MultiService):
         """
         Start; binds the listeners if L{privilegedStartService} has not.
         """
-        if not self._listening:
+        if not self._started:
             self._listen()
         super().startService()
 
@@ -193,9 +289,18 @@ class WingateMapService(MultiService):
         Stop accepting at once, drain live sessions for C{drain_timeout}, then end the rest.
         """
         stopped = [d for d in [super().stopService()] if d is not None]
-        ports, self._ports = self._ports, []
-        self._listening = False
-        closing = [d for d in (port.stopListening() for _, port in ports) if d is not None]
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        ports, self._ports = self._ports, {}
+        self._started = False
+        closing = [d for d in (port.stopListening() for port in ports.values()) if d is not None]
+        if self._ruleset is not None:
+            try:
+                remove()
+                _log.info("transparent interception: nftables table inet {table} removed", table=TABLE)
+            except InterceptionError as e:
+                _log.error("{error}", error=str(e))
+            self._ruleset = None
         # Drain once every listening socket is really closed (that takes one reactor turn).
         drained = gatherResults(closing, consumeErrors=True).addBoth(lambda _: self._drain())
         return gatherResults(stopped + [drained], consumeErrors=True).addBoth(self._stopped)
