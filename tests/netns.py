@@ -52,6 +52,7 @@ class Lab:
     def __init__(self) -> None:
         self.tag = secrets.token_hex(3)
         self.namespaces: list[str] = []
+        self.links = 0
 
     def namespace(self, role: str) -> str:
         name = f"wgm-{role}-{self.tag}"
@@ -65,8 +66,8 @@ class Lab:
         A veth pair between namespaces C{a} and C{b} with the given CIDR addresses; returns the
         two interface names.
         """
-        n = len(self.namespaces)
-        a_if, b_if = f"v{self.tag}a{n}", f"v{self.tag}b{n}"
+        self.links += 1
+        a_if, b_if = f"v{self.tag}a{self.links}", f"v{self.tag}b{self.links}"
         ip("link", "add", a_if, "netns", a, "type", "veth", "peer", "name", b_if, "netns", b)
         for ns, name, address in ((a, a_if, a_address), (b, b_if, b_address)):
             self.run(ns, "ip", "addr", "add", address, "dev", name, "nodad" if ":" in address else "")

@@ -64,8 +64,9 @@ class Proc:
                 break
             self._partial += chunk.decode("utf-8", "replace")
             *complete, self._partial = self._partial.split("\n")
-            for line in complete:
-                self.lines.append(line + "\n")
+            start = len(self.lines)
+            self.lines.extend(line + "\n" for line in complete)
+            for line in self.lines[start:]:
                 if regex.search(line):
                     return line
         raise AssertionError(f"no line matching {pattern!r} from {self.args}; output:\n{''.join(self.lines)}")

@@ -104,8 +104,8 @@ def _blocked_by_failure(failure: Failure, sink: IEventSink, event: dict[str, Any
     return False
 
 
-def _describe_destination(event: dict[str, Any]) -> str:
-    return event["destination"] or "(none)"
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @implementer(IEventSink)
@@ -125,9 +125,13 @@ class LogSink:
         """
         text = (
             f"ClientConnect {event['session']} mapping={event['mapping']} "
-            f"client={event['client_ip']}:{event['client_port']} user={event['user']} ({event['identity']}) "
+            f"client={_endpoint(event['client_ip'], event['client_port'])} user={event['user']} ({event['identity']}) "
             f"rule={event['rule']} destination={event['destination']}"
         )
+        if event["original_dst"]:
+            text += f" original_dst={event['original_dst']}"
+        if event["tls"]:
+            text += " tls"
         self.log.info("{text}", text=text, **event)
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
@@ -136,7 +140,7 @@ class LogSink:
         """
         text = (
             f"ClientDisconnect {event['session']} mapping={event['mapping']} "
-            f"client={event['client_ip']}:{event['client_port']} destination={event['destination']} "
+            f"client={_endpoint(event['client_ip'], event['client_port'])} destination={event['destination']} "
             f"reason={event['reason']} bytes_from_client={event['bytes_from_client']} "
             f"bytes_to_client={event['bytes_to_client']} duration={event['duration']}"
         )
