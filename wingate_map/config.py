@@ -14,6 +14,7 @@ import json
 import ipaddress
 import os
 import re
+import shutil
 import tomllib
 from typing import Any
 
@@ -35,7 +36,10 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 # than ignored: an operator who writes tls = true must not get plaintext.
 _NOT_YET = "is not supported by this version of wingatemap yet"
 _TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
-_TOP_NOT_YET = ("admin", "events")
+_TOP_NOT_YET: tuple[str, ...] = ()
+_ADMIN_KEYS = ("listen", "token")
+_EVENT_NAMES = ("ClientConnect", "ClientDisconnect")
+_HANDLER_KEYS = ("run", "python", "timeout", "on_failure")
 _USER_KEYS = ("locations", "groups", "certificates")
 _RULE_KEYS = ("user", "group", "from", "not_from", "to", "action")
 RESERVED_USERS = ("guest",)
@@ -58,10 +62,7 @@ _MAPPING_KEYS = (
     "max_connections",
     "max_connections_per_client",
 )
-_MAPPING_NOT_YET = (
-    "max_connections",
-    "max_connections_per_client",
-)
+_MAPPING_NOT_YET: tuple[str, ...] = ()
 _DESTINATION_KEYS = (
     "host",
     "port",
@@ -132,6 +133,8 @@ class Mapping:
     tls: ServerTls | None = None
     intercept: tuple[int, ...] = ()
     intercept_transparent: bool = False
+    max_connections: int = 0
+    max_connections_per_client: int = 0
 
     def ports(self) -> tuple[int, ...]:
         """
@@ -192,6 +195,35 @@ class Rule:
 
 
 @frozen
+class AdminSettings:
+    """
+    The C{[admin]} table: where the admin API listens, and its bearer token.
+    """
+
+    listen: str
+    token: str | None = None
+
+
+@frozen
+class Handler:
+    """
+    One event handler from C{[[events.NAME]]}: a program to C{run} (argv) or a C{python}
+    callable ("pkg.mod:fn"); C{on_failure} is C{block} or C{allow} (ClientConnect only).
+    """
+
+    event: str
+    index: int
+    run: tuple[str, ...] | None = None
+    python: str | None = None
+    timeout: float = 5.0
+    on_failure: str = "block"
+
+    def __str__(self) -> str:
+        what = " ".join(self.run) if self.run is not None else f"python {self.python}"
+        return f"events.{self.event}[{self.index}] ({what})"
+
+
+@frozen
 class ServiceSettings:
     """
     The C{[service]} table.
@@ -220,6 +252,8 @@ class Config:
     users: tuple[User, ...] = ()
     source: str = "<string>"
     warnings: tuple[ConfigProblem, ...] = ()
+    admin: AdminSettings | None = None
+    handlers: tuple[Handler, ...] = ()
 
     def interface_classes(self) -> dict[str, str]:
         """
@@ -751,6 +785,10 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
     transparent = reader.boolean(table, "intercept_transparent", f"{path}.intercept_transparent", False)
     if transparent and not intercept:
         reader.error(f"{path}.intercept_transparent", "needs intercept ports to catch (intercept = [...])")
+    max_connections = reader.integer(table, "max_connections", f"{path}.max_connections", 0, 0, 10_000_000, "connection limit (0 = unlimited)")
+    max_per_client = reader.integer(
+        table, "max_connections_per_client", f"{path}.max_connections_per_client", 0, 0, 10_000_000, "connection limit (0 = unlimited)"
+    )
     tls = _read_server_tls(reader, table["tls"], f"{path}.tls") if "tls" in table else None
     if tls is not None and proxy_protocol:
         reader.error(f"{path}.proxy_protocol", "cannot be combined with tls on the same mapping in this version")
@@ -770,7 +808,107 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         tls=tls,
         intercept=intercept,
         intercept_transparent=transparent,
+        max_connections=max_connections,
+        max_connections_per_client=max_per_client,
     )
+
+
+def _loopback_only(description: str) -> bool:
+    """
+    Whether a server endpoint string listens on loopback only (or a Unix socket).
+    """
+    if description.startswith("unix:"):
+        return True
+    match = re.search(r"(?:^|:)interface=((?:\\:|[^:])*)", description)
+    if not match:
+        return False
+    try:
+        return ipaddress.ip_address(match.group(1).replace("\\:", ":")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_admin(reader: _Reader, data: dict[str, Any]) -> AdminSettings | None:
+    if "admin" not in data:
+        return None
+    table = reader.table(data, "admin", "admin")
+    reader.check_keys(table, "admin", _ADMIN_KEYS)
+    listen = table.get("listen")
+    if not isinstance(listen, str) or not listen:
+        reader.error("admin.listen", 'is required: a Twisted server endpoint string such as "tcp:8780:interface=127.0.0.1"')
+        return None
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(_NoReactor(), listen)
+    except Exception as e:
+        reader.error("admin.listen", f"{_describe(listen)} is not a valid server endpoint string: {e}")
+        return None
+    token = table.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < 8):
+        reader.error("admin.token", "must be a string of at least 8 characters")
+        return None
+    if token is None and not _loopback_only(listen):
+        reader.error("admin.token", f"is required when admin.listen ({listen}) is not loopback-only; anyone who can reach it could kill sessions and log users in")
+    return AdminSettings(listen=listen, token=token)
+
+
+def _read_handlers(reader: _Reader, data: dict[str, Any]) -> tuple[Handler, ...]:
+    if "events" not in data:
+        return ()
+    table = reader.table(data, "events", "events")
+    reader.check_keys(table, "events", _EVENT_NAMES)
+    handlers = []
+    for event in _EVENT_NAMES:
+        entries = table.get(event, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            reader.error(f"events.{event}", f"must be an array of tables: write each handler as [[events.{event}]]")
+            continue
+        for index, entry in enumerate(entries):
+            path = f"events.{event}[{index}]"
+            reader.check_keys(entry, path, _HANDLER_KEYS)
+            run = entry.get("run")
+            python = entry.get("python")
+            if (run is None) == (python is None):
+                reader.error(path, 'give exactly one of run = ["/path/to/program", "arg"] or python = "package.module:function"')
+                continue
+            if run is not None and (not isinstance(run, list) or not run or not all(isinstance(a, str) and a for a in run)):
+                reader.error(f"{path}.run", f"{_describe(run)} is not allowed; expected a non-empty list of strings (program and arguments)")
+                continue
+            if run is not None:
+                program = run[0] if os.path.isabs(run[0]) else shutil.which(run[0])
+                if program is None or not os.access(program, os.X_OK):
+                    reader.error(f"{path}.run", f"{_describe(run[0])} is not an executable program")
+                    continue
+            if python is not None:
+                problem = _check_callable(python)
+                if problem:
+                    reader.error(f"{path}.python", f"{_describe(python)}: {problem}")
+                    continue
+            timeout = reader.number(entry, "timeout", f"{path}.timeout", 5.0, 0.0, exclusive_minimum=True)
+            on_failure = entry.get("on_failure", "block")
+            if on_failure not in ("block", "allow"):
+                reader.error(f"{path}.on_failure", f'{_describe(on_failure)} is not allowed; expected "block" or "allow"')
+                on_failure = "block"
+            handlers.append(
+                Handler(event=event, index=index, run=tuple(run) if run else None, python=python, timeout=timeout, on_failure=on_failure)
+            )
+    return tuple(handlers)
+
+
+def _check_callable(text: Any) -> str | None:
+    if not isinstance(text, str) or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", text):
+        return 'expected "package.module:function"'
+    module_name, _, name = text.partition(":")
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        return f"cannot import {module_name}: {e.__class__.__name__}: {e}"
+    if not callable(getattr(module, name, None)):
+        return f"{module_name} has no callable {name}"
+    return None
 
 
 def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
@@ -801,9 +939,14 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
     _check_port_conflicts(reader, mappings)
     poll = reader.number(service_table, "adapter_poll_interval", "service.adapter_poll_interval", 2.0, 0.0, exclusive_minimum=True)
 
+    admin = _read_admin(reader, data)
+    handlers = _read_handlers(reader, data)
+
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
+        admin=admin,
+        handlers=handlers,
         service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),

@@ -56,6 +56,7 @@ class MappingRuntime:
     events: EventHub
     sessions: SessionRegistry
     clock: IReactorTime
+    metrics: Any = None
     proxy_from: LocationSet | None = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -209,6 +210,8 @@ class RelayProtocol(Protocol):
         self._dest_timer: Any = None
         self._dest_handshake_failure: str | None = None
         self._awaiting_handshake = False
+        self._limited: str | None = None
+        self._connect_started = 0.0
 
     # -- accept and decide -------------------------------------------------------------------
 
@@ -338,14 +341,27 @@ class RelayProtocol(Protocol):
         except Exception:
             self._internal_error(Failure())
 
+    def _over_limit(self) -> str | None:
+        mapping = self.runtime.mapping
+        sessions = self.runtime.sessions
+        if mapping.max_connections and sessions.count(mapping.name) > mapping.max_connections:
+            return f"max_connections ({mapping.max_connections}) reached"
+        if mapping.max_connections_per_client and sessions.count(mapping.name, self.session.client_ip) > mapping.max_connections_per_client:
+            return f"max_connections_per_client ({mapping.max_connections_per_client}) reached for {self.session.client_ip}"
+        return None
+
     def _decided(self, decision: Decision) -> Deferred[None] | None:
         self._decision = decision
         session = self.session
         session.user = decision.identity.user
         session.identity = decision.identity.level
-        session.rule = decision.rule
-        if decision.action == CONNECT and decision.destinations:
-            session.destination = str(decision.destinations[0])
+        limited = self._over_limit()
+        if limited is not None:
+            self._limited = limited
+        else:
+            session.rule = decision.rule
+            if decision.action == CONNECT and decision.destinations:
+                session.destination = str(decision.destinations[0])
         allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()))
         if isinstance(allowed, Deferred):
             return allowed.addCallback(self._allowed)
@@ -358,6 +374,9 @@ class RelayProtocol(Protocol):
         assert decision is not None
         if self._client_lost or self._reason is not None:
             self._maybe_finish()
+        elif self._limited is not None:
+            _log.info("mapping {mapping}: session {session} refused: {why}", mapping=self.runtime.mapping.name, session=self.session.id, why=self._limited)
+            self._refuse("limit")
         elif decision.action == REJECT:
             self._refuse("rejected")
         elif decision.action == NO_DESTINATION or not decision.destinations:
@@ -388,6 +407,7 @@ class RelayProtocol(Protocol):
         timeout = runtime.mapping.connect_timeout
         timed_out = []
         self._dest_index = index
+        self._connect_started = runtime.clock.seconds()
         preamble = b""
         if destination.proxy_protocol:
             session = self.session
@@ -456,6 +476,8 @@ class RelayProtocol(Protocol):
         protocol = self.peer
         assert protocol is not None
         self._dest_ready = True
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.observe_connect(self.runtime.mapping.name, self.runtime.clock.seconds() - self._connect_started)
         if self._early:
             early, self._early = self._early, b""
             self.session.bytes_from_client += len(early)

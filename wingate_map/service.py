@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -31,6 +32,9 @@ from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
 from .relay import MappingRuntime, RelayFactory
 from .rules import MappingRuleService
 from .sessions import SessionRegistry
+from .credentials import CredentialStore
+from .handlers import build_handlers
+from .metrics import Metrics
 from .tls import half_close_tls_factory, server_options
 
 _log = Logger()
@@ -50,6 +54,23 @@ def listen_description(address: str, port: int) -> str:
     return f"{kind}:{port}:interface={_escape(address)}:backlog={LISTEN_BACKLOG}"
 
 
+class _Switch(Factory):
+    """
+    What a listening port serves, switchable on reload without closing the port.
+    """
+
+    noisy = False
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self.target.buildProtocol(addr)
+
+    def logPrefix(self) -> str:
+        return self.target.logPrefix() if hasattr(self.target, "logPrefix") else "wingatemap"
+
+
 class WingateMapService(MultiService):
     """
     Runs every enabled mapping of a configuration.
@@ -66,9 +87,13 @@ class WingateMapService(MultiService):
         endpoints: IDestinationEndpointFactory | None = None,
         identity_sources: Iterable[IIdentitySource] = (),
         adapters: Callable[[], Iterable[Adapter]] | None = None,
+        config_path: str | None = None,
+        extra_mappings: Iterable[Any] = (),
     ) -> None:
         super().__init__()
         self.config = config
+        self.config_path = config_path
+        self._extra_mappings = tuple(extra_mappings)
         self._reactor = reactor
         self._endpoints = endpoints
         self._identity_sources = tuple(identity_sources)
@@ -79,11 +104,15 @@ class WingateMapService(MultiService):
         self._audit: AuditLogSink | None = None
         self._ports: dict[Listener, IListeningPort] = {}
         self.factories: dict[str, RelayFactory] = {}
-        self._listening: dict[tuple[str, bool], Any] = {}
         self._started = False
         self._warned: set[str] = set()
         self._poller: LoopingCall | None = None
         self._ruleset: str | None = None
+        self._switches: dict[tuple[str, bool], _Switch] = {}
+        self.metrics = Metrics(self.sessions)
+        self.credentials: CredentialStore | None = None
+        self._admin_port: IListeningPort | None = None
+        self.install_sighup = False
 
     @property
     def reactor(self) -> Any:
@@ -120,19 +149,45 @@ class WingateMapService(MultiService):
             return factory
         return half_close_tls_factory(server_options(mapping.tls), False, factory)
 
-    def _runtime(self, mapping: Any) -> MappingRuntime:
+    def _runtime(self, config: Config, mapping: Any, events: EventHub, endpoints: IDestinationEndpointFactory) -> MappingRuntime:
+        assert self.credentials is not None
         identities = IdentityResolver.of(
             self._identity_sources
-            + (CertificateIdentitySource(self.config.users), AssumedIdentitySource(self.config.users))
+            + (self.credentials, CertificateIdentitySource(config.users), AssumedIdentitySource(config.users))
         )
         return MappingRuntime(
             mapping=mapping,
             rules=MappingRuleService(mapping, identities),
-            endpoints=self._endpoints or StandardEndpointFactory(self.reactor),
-            events=self.events,
+            endpoints=endpoints,
+            events=events,
             sessions=self.sessions,
             clock=self.reactor,
+            metrics=self.metrics,
         )
+
+    def _build(self, config: Config, audit: AuditLogSink | None) -> tuple[EventHub, dict[str, RelayFactory], dict[tuple[str, bool], Any]]:
+        """
+        Everything new connections of C{config} use: the event chain, each mapping's relay
+        factory, and what each (mapping, intercept?) listener serves.  Reads TLS files.
+        """
+        sinks = [LogSink()] + ([audit] if audit else []) + [self.metrics] + build_handlers(config.handlers, self.reactor) + self._subscribed
+        events = EventHub(sinks)
+        endpoints = self._endpoints or StandardEndpointFactory(self.reactor)
+        factories = {m.name: RelayFactory(self._runtime(config, m, events, endpoints)) for m in config.enabled_mappings()}
+        targets = {}
+        for name, factory in factories.items():
+            mapping = config.mapping(name)
+            targets[(name, False)] = self._listening_factory(mapping, factory)
+            targets[(name, True)] = self._listening_factory(mapping, RelayFactory(factory.runtime, intercepting=True))
+        return events, factories, targets
+
+    def _switch(self, key: tuple[str, bool], target: Any) -> "_Switch":
+        switch = self._switches.get(key)
+        if switch is None:
+            switch = self._switches[key] = _Switch(target)
+        else:
+            switch.target = target
+        return switch
 
     def _plan(self) -> list[Listener]:
         warnings: list[str] = []
@@ -147,7 +202,7 @@ class WingateMapService(MultiService):
         """
         Listen for C{listener}; L{BindError} if it cannot.
         """
-        factory = self._listening[(listener.mapping, listener.intercept)]
+        factory = self._switches[(listener.mapping, listener.intercept)]
         endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
         results: list[Any] = []
         endpoint.listen(factory).addBoth(results.append)
@@ -197,25 +252,28 @@ class WingateMapService(MultiService):
                 self._audit = AuditLogSink(self.config.service.audit_log)
             except OSError as e:
                 raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
-        events = EventHub([LogSink()] + ([self._audit] if self._audit else []) + self._subscribed)
-        self.events = events
-        self.factories = {m.name: RelayFactory(self._runtime(m)) for m in self.config.enabled_mappings()}
-        self._listening = {}
-        for name, factory in self.factories.items():
-            mapping = self.config.mapping(name)
-            intercepting = RelayFactory(factory.runtime, intercepting=True)
-            self._listening[(name, False)] = self._listening_factory(mapping, factory)
-            self._listening[(name, True)] = self._listening_factory(mapping, intercepting)
+        self.credentials = CredentialStore(self.reactor, self.config.users)
+        self.events, self.factories, targets = self._build(self.config, self._audit)
+        for key, target in targets.items():
+            self._switch(key, target)
         opened: dict[Listener, IListeningPort] = {}
         try:
             for listener in listeners:
                 opened[listener] = self._open(listener)
             self._ports = opened
             self._apply_interception()
+            if self.config.admin is not None:
+                self._admin_port = self._open_admin()
         except BaseException:
             self._ports = {}
             for port in opened.values():
                 port.stopListening()
+            if self._ruleset is not None:
+                try:
+                    remove()
+                except InterceptionError:
+                    pass
+                self._ruleset = None
             if self._audit is not None:
                 self._audit.close()
                 self._audit = None
@@ -230,11 +288,118 @@ class WingateMapService(MultiService):
             if mapping.intercept:
                 ports = ", ".join(str(p) for p in mapping.intercept)
                 _log.info("mapping {mapping}: intercepting port(s) {ports}{how}", mapping=mapping.name, ports=ports, how=" transparently (any destination)" if mapping.intercept_transparent else "")
+        if self.install_sighup:
+            self._install_sighup()
         self._poller = LoopingCall(self.refresh_bindings)
         self._poller.clock = self.reactor
         self._poller.start(self.config.service.adapter_poll_interval, now=False).addErrback(
             lambda f: _log.failure("adapter watcher stopped", f)
         )
+
+    def _open_admin(self) -> IListeningPort:
+        from .admin import admin_site
+
+        assert self.config.admin is not None
+        results: list[Any] = []
+        serverFromString(self.reactor, self.config.admin.listen).listen(admin_site(self)).addBoth(results.append)
+        if not results or isinstance(results[0], Failure):
+            why = results[0].getErrorMessage() if results else "did not listen synchronously"
+            raise WingateMapError(f"admin.listen: cannot listen on {self.config.admin.listen}: {why}")
+        _log.info("admin API listening on {listen}{auth}", listen=self.config.admin.listen, auth="" if self.config.admin.token else " (no token: loopback only)")
+        return results[0]
+
+    def reload(self) -> list[str]:
+        """
+        Re-read the configuration file and apply it without dropping a session: new listeners
+        open, removed ones close (their sessions live on), unchanged ones stay open, and new
+        connections get the new rules, users, handlers and TLS files.  An invalid file changes
+        nothing.
+
+        @return: the problems that stopped the reload (empty when it was applied).
+        """
+        from .config import load_config, with_mappings
+        from .errors import ConfigError
+
+        if self.config_path is None:
+            return ["this service was not built from a configuration file: nothing to reload"]
+        try:
+            new = with_mappings(load_config(self.config_path), self._extra_mappings)
+            wanted = plan_listeners(new, None if self._adapters is None else self._adapters(), [])
+        except ConfigError as e:
+            problems = [str(p) for p in e.problems]
+        except WingateMapError as e:
+            problems = str(e).splitlines()
+        else:
+            problems = []
+        if problems:
+            for problem in problems:
+                _log.error("reload refused, the running configuration stays: {problem}", problem=problem)
+            return problems
+        if new.admin != self.config.admin:
+            _log.warn("reload: [admin] changes take effect at the next restart")
+        audit = self._audit
+        if new.service.audit_log != self.config.service.audit_log:
+            try:
+                audit = AuditLogSink(new.service.audit_log) if new.service.audit_log else None
+            except OSError as e:
+                message = f"service.audit_log: cannot open {new.service.audit_log}: {e.strerror or e}"
+                _log.error("reload refused, the running configuration stays: {problem}", problem=message)
+                return [message]
+        try:
+            events, factories, targets = self._build(new, audit)
+        except Exception as e:
+            message = f"cannot load TLS files: {e}"
+            _log.error("reload refused, the running configuration stays: {problem}", problem=message)
+            return [message]
+        # Open what is new before touching anything, so a failure leaves all as it was.
+        old_switches = dict(self._switches)
+        for key, target in targets.items():
+            if key not in self._switches:
+                self._switches[key] = _Switch(target)
+        opened: dict[Listener, IListeningPort] = {}
+        try:
+            for listener in wanted:
+                if listener not in self._ports:
+                    opened[listener] = self._open(listener)
+        except BindError as e:
+            for port in opened.values():
+                port.stopListening()
+            self._switches = old_switches
+            _log.error("reload refused, the running configuration stays: {problem}", problem=str(e))
+            return [str(e)]
+        # Commit.
+        for key, target in targets.items():
+            self._switches[key].target = target
+        wanted_set = set(wanted)
+        closed = [listener for listener in self._ports if listener not in wanted_set]
+        for listener in closed:
+            self._ports.pop(listener).stopListening()
+        self._ports.update(opened)
+        if audit is not self._audit and self._audit is not None:
+            self._audit.close()
+        self._audit = audit
+        self.config = new
+        self.events, self.factories = events, factories
+        assert self.credentials is not None
+        self.credentials.set_users(new.users)
+        for warning in new.warnings:
+            _log.warn("configuration: {warning}", warning=str(warning))
+        try:
+            self._apply_interception()
+            if not any(m.intercept_transparent for m in new.enabled_mappings()) and self._ruleset is not None:
+                remove()
+                self._ruleset = None
+        except InterceptionError as e:
+            _log.error("{error}", error=str(e))
+        _log.info(
+            "configuration reloaded from {path}: {mappings} mapping(s); {opened} listener(s) opened, {closed} closed, {kept} kept",
+            path=self.config_path,
+            mappings=len(new.enabled_mappings()),
+            opened=len(opened),
+            closed=len(closed),
+            kept=len(self._ports) - len(opened),
+        )
+        return []
 
     def refresh_bindings(self) -> None:
         """
@@ -268,6 +433,18 @@ class WingateMapService(MultiService):
         except InterceptionError as e:
             _log.error("{error}", error=str(e))
 
+    def _install_sighup(self) -> None:
+        import signal
+
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._sighup)
+
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _sighup(self) -> None:
+        _log.info("SIGHUP: reloading {path}", path=self.config_path)
+        self.reload()
+
     def privilegedStartService(self) -> None:
         """
         Bind every listener (before twistd drops privileges).
@@ -294,6 +471,10 @@ class WingateMapService(MultiService):
         ports, self._ports = self._ports, {}
         self._started = False
         closing = [d for d in (port.stopListening() for port in ports.values()) if d is not None]
+        if self._admin_port is not None:
+            # The admin API closes with the listeners: a stopping service takes no orders.
+            closing.append(self._admin_port.stopListening())
+            self._admin_port = None
         if self._ruleset is not None:
             try:
                 remove()

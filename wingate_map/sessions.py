@@ -119,6 +119,8 @@ class SessionRegistry:
     """
 
     _live: dict[str, Session] = field(factory=dict)
+    _per_mapping: dict[str, int] = field(factory=dict)
+    _per_client: dict[tuple[str, str], int] = field(factory=dict)
     _prefix: str = field(factory=lambda: secrets.token_hex(4))
     _counter: Any = field(factory=lambda: itertools.count(1))
     _empty_waiters: list[Deferred[None]] = field(factory=list)
@@ -134,12 +136,21 @@ class SessionRegistry:
         Start tracking C{session}.
         """
         self._live[session.id] = session
+        self._per_mapping[session.mapping] = self._per_mapping.get(session.mapping, 0) + 1
+        key = (session.mapping, session.client_ip)
+        self._per_client[key] = self._per_client.get(key, 0) + 1
 
     def remove(self, session: Session) -> None:
         """
         C{session} is over.
         """
-        self._live.pop(session.id, None)
+        if self._live.pop(session.id, None) is not None:
+            for counts, key in ((self._per_mapping, session.mapping), (self._per_client, (session.mapping, session.client_ip))):
+                left = counts[key] - 1
+                if left:
+                    counts[key] = left
+                else:
+                    del counts[key]
         if not self._live:
             waiters, self._empty_waiters = self._empty_waiters, []
             for d in waiters:
@@ -156,6 +167,14 @@ class SessionRegistry:
         The live session with this id, if any.
         """
         return self._live.get(session_id)
+
+    def count(self, mapping: str, client_ip: str | None = None) -> int:
+        """
+        Live sessions of C{mapping} (from C{client_ip}, if given).
+        """
+        if client_ip is None:
+            return self._per_mapping.get(mapping, 0)
+        return self._per_client.get((mapping, client_ip), 0)
 
     def __len__(self) -> int:
         return len(self._live)

@@ -33,6 +33,8 @@ class RunOptions(usage.Options):
         super().__init__()
         self["maps"] = []
         self.loaded: Config | None = None
+        self.config_path: str | None = None
+        self.extra_mappings: tuple[Any, ...] = ()
 
     def opt_map(self, value: str) -> None:
         """
@@ -41,7 +43,12 @@ class RunOptions(usage.Options):
         self["maps"].append(value)
 
     def postOptions(self) -> None:
+        from .config import parse_map_option
+
+        if self["config"] is not None or not self["maps"]:
+            self.config_path = os.path.abspath(self["config"] or DEFAULT_CONFIG_PATH)
         try:
+            self.extra_mappings = tuple(parse_map_option(m) for m in self["maps"])
             self.loaded = build_config(self["config"], self["maps"])
         except WingateMapError as e:
             # Not a usage mistake: print each problem (key path first), not the option summary.
@@ -111,4 +118,11 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     if os.environ.get("WINGATEMAP_TRACEBACKS") is None:
         # A bind failure at start is an operator's error, not a crash: say it in one line.
         sys.excepthook = _quiet_excepthook(sys.excepthook)
-    return WingateMapService(run.loaded, reactor=reactor)
+    service = WingateMapService(
+        run.loaded,
+        reactor=reactor,
+        config_path=run.config_path,
+        extra_mappings=run.extra_mappings,
+    )
+    service.install_sighup = True
+    return service

@@ -1,0 +1,101 @@
+"""
+Logins for client addresses: an admin-API (or login portal) says "the client at this address is
+user X for the next N seconds".  As an identity source these are C{authenticated} and outrank
+location assumptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from zope.interface import implementer
+
+from .config import User
+from .identity import Identity, identity_of
+from .interfaces import IIdentitySource
+from .locations import client_address
+
+MAX_TTL = 30 * 24 * 3600.0
+
+
+@implementer(IIdentitySource)
+class CredentialStore:
+    """
+    Client address -> (user, expiry).  Entries expire by the clock, checked when used.
+    """
+
+    level = "authenticated"
+
+    def __init__(self, clock: Any, users: Iterable[User] = ()) -> None:
+        self.clock = clock
+        self._users = {u.name: u for u in users}
+        self._entries: dict[str, tuple[str, float]] = {}
+
+    def set_users(self, users: Iterable[User]) -> None:
+        """
+        The users known (after a reload); logins of users that are gone stop counting.
+        """
+        self._users = {u.name: u for u in users}
+
+    @staticmethod
+    def key(client_ip: str) -> str:
+        """
+        The canonical form of a client address (IPv4-mapped IPv6 as IPv4).
+
+        @raise ValueError: not an IP address.
+        """
+        address = client_address(client_ip)
+        if address is None:
+            raise ValueError(f"{client_ip!r} is not an IP address")
+        return str(address)
+
+    def login(self, client_ip: str, user: str, ttl: float) -> float:
+        """
+        Record that C{client_ip} is C{user} for C{ttl} seconds; the expiry time.
+
+        @raise ValueError: unknown user, bad address or TTL.
+        """
+        key = self.key(client_ip)
+        if user not in self._users:
+            raise ValueError(f"{user!r} is not a user defined in [users]")
+        if not (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and 0 < ttl <= MAX_TTL):
+            raise ValueError(f"ttl must be a number of seconds > 0 and <= {MAX_TTL:g}")
+        expires = self.clock.seconds() + float(ttl)
+        self._entries[key] = (user, expires)
+        return expires
+
+    def logout(self, client_ip: str) -> bool:
+        """
+        Forget C{client_ip}'s login; whether there was one.
+        """
+        return self._entries.pop(self.key(client_ip), None) is not None
+
+    def active(self) -> dict[str, tuple[str, float]]:
+        """
+        The unexpired logins.
+        """
+        now = self.clock.seconds()
+        for key in [k for k, (_, expires) in self._entries.items() if expires <= now]:
+            del self._entries[key]
+        return dict(self._entries)
+
+    def identify(self, client: Any) -> Identity | None:
+        """
+        See L{IIdentitySource.identify}.
+        """
+        entry = self._entries.get(self.key(client.client_ip)) if client_address(client.client_ip) else None
+        if entry is None:
+            return None
+        name, expires = entry
+        if expires <= self.clock.seconds():
+            self._entries.pop(self.key(client.client_ip), None)
+            return None
+        user = self._users.get(name)
+        return identity_of(user, self.level) if user is not None else None
+
+    def explain(self, client: Any) -> str | None:
+        """
+        Why C{client} is recognised.
+        """
+        found = self.identify(client)
+        return None if found is None else f"logged in through the admin API as {found.user}"
