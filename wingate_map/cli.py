@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate the configuration and print listeners and mappings")
     explain = commands.add_parser("explain", help="show who CLIENT_IP is, which rule matches and why, and its destination")
     rules = commands.add_parser("intercept-rules", help="print the nftables ruleset transparent interception needs")
+    sessions = commands.add_parser("sessions", help="list live sessions (through the admin API)")
+    kill = commands.add_parser("kill", help="end a live session (through the admin API)")
+    kill.add_argument("session", metavar="ID", help="the session id, as sessions lists it")
+    for sub in (sessions, kill):
+        sub.add_argument("--config", "-c", default=None, help=f"configuration file with [admin] (default ./{DEFAULT_CONFIG_PATH})")
     for sub in (run, check, explain, rules):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file (default ./{DEFAULT_CONFIG_PATH})")
         sub.add_argument("--map", action="append", default=[], metavar="[ADDRESS:]PORT=HOST:PORT", help="a quick mapping (repeatable)")
@@ -115,6 +120,97 @@ def _intercept_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_request(config_path: str | None, method: str, path: str) -> tuple[int, object]:
+    """
+    One request to the admin API named by the configuration's C{[admin]}.
+    """
+    import http.client
+    import json
+    import re
+    import socket as socket_module
+
+    from .config import load_config
+
+    config = load_config(config_path or DEFAULT_CONFIG_PATH)
+    if config.admin is None:
+        raise WingateMapError(f"{config.source} has no [admin] table: the admin API is off")
+    listen = config.admin.listen
+    headers = {"Authorization": f"Bearer {config.admin.token}"} if config.admin.token else {}
+    if listen.startswith("unix:"):
+        match = re.match(r"unix:(?:address=)?((?:\\:|[^:])+)", listen)
+        assert match is not None
+        socket_path = match.group(1).replace("\\:", ":")
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+                self.sock.settimeout(self.timeout)
+                self.sock.connect(socket_path)
+
+        connection: http.client.HTTPConnection = UnixConnection("localhost", timeout=30)
+    else:
+        port_match = re.match(r"tcp6?:(?:port=)?(\d+)", listen)
+        if port_match is None:
+            raise WingateMapError(f"admin.listen {listen!r}: only tcp and unix endpoints can be reached by this command")
+        interface = re.search(r":interface=((?:\\:|[^:])*)", listen)
+        host = interface.group(1).replace("\\:", ":") if interface else "127.0.0.1"
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        connection = http.client.HTTPConnection(host, int(port_match.group(1)), timeout=30)
+    try:
+        connection.request(method, path, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+    except OSError as e:
+        raise WingateMapError(f"cannot reach the admin API at {listen}: {e}") from None
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(body)
+    except ValueError:
+        return response.status, body.decode("utf-8", "replace")
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    try:
+        status, body = _admin_request(args.config, "GET", "/sessions")
+    except (ConfigError, WingateMapError) as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID
+    if status != 200 or not isinstance(body, list):
+        print(f"admin API answered {status}: {body}", file=sys.stderr)
+        return 1
+    columns = ["session", "mapping", "client", "user", "destination", "duration", "from_client", "to_client"]
+    rows = [columns]
+    for s in body:
+        client = f"[{s['client_ip']}]:{s['client_port']}" if ":" in s["client_ip"] else f"{s['client_ip']}:{s['client_port']}"
+        rows.append([s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
+                     f"{s['duration']:.1f}s", str(s["bytes_from_client"]), str(s["bytes_to_client"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not body:
+        print("(no live sessions)")
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    try:
+        status, body = _admin_request(args.config, "DELETE", f"/sessions/{quote(args.session, safe='')}")
+    except (ConfigError, WingateMapError) as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID
+    if status == 200:
+        print(f"killed {args.session}")
+        return 0
+    print(body.get("error") if isinstance(body, dict) else body, file=sys.stderr)
+    return 1
+
+
 def _check(args: argparse.Namespace) -> int:
     from .tap import build_config
 
@@ -173,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         return _explain(args)
     if args.command == "intercept-rules":
         return _intercept_rules(args)
+    if args.command == "sessions":
+        return _sessions(args)
+    if args.command == "kill":
+        return _kill(args)
     return _check(args)
 
 
