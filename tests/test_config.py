@@ -86,7 +86,7 @@ def test_full_mapping():
         ("[interfaces]\neth0 = \"inside\"\n", 'interfaces.eth0: "inside" is not a usage class; expected one of internal, external, dmz'),
         ("[mappings.\"r d p\"]\nport = 1\n", "mappings.r d p: a mapping name may use only letters"),
         ("mappings = 3\n", "mappings: must be a table, not 3"),
-        ("[service]\nworkers = 2\n", "service.workers: 2: more than one worker is not supported by this version"),
+        ("[service]\nworkers = 0\n", "service.workers: 0 is not a valid number of worker processes; expected an integer 1-64"),
         ("[mappings.rdp]\nport = 1\nmax_connections = -1\n", "mappings.rdp.max_connections: -1 is not a valid connection limit"),
         ("[admin]\nlisten = \"tcp:8780\"\n", "admin.token: is required when admin.listen (tcp:8780) is not loopback-only"),
         ("[admin]\nlisten = \"bogus:1\"\n", 'admin.listen: "bogus:1" is not a valid server endpoint string'),

@@ -44,6 +44,7 @@ class EchoServer:
         class Server(socketserver.ThreadingTCPServer):
             daemon_threads = True
             allow_reuse_address = True
+            request_queue_size = 256  # many relayed connections arrive at once
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
@@ -326,3 +327,53 @@ def test_event_handlers(tmp_path):
         finally:
             proc.stop()
     echo.close()
+
+
+def test_workers_share_listeners_with_one_admin_view(tmp_path):
+    """
+    With workers = 2, two processes accept on the same listeners; the primary's admin API lists
+    the sessions of both, kills a session of either, and counts both in its metrics; a reload
+    reaches the worker; SIGTERM stops both processes cleanly.
+    """
+    import psutil
+
+    echo = EchoServer(b"hi")
+    port, admin = free_port(), free_port()
+    proc, config = start(
+        tmp_path,
+        f'[service]\nworkers = 2\ndrain_timeout = 1\n[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\ntoken = "{TOKEN}"\n'
+        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\ndefault = {{ host = "127.0.0.1", port = {echo.port} }}\n',
+    )
+    try:
+        proc.wait_line(r"worker 1 started \(pid (\d+)\)")
+        proc.wait_line(r"Site starting on .*worker-1\.sock")
+        clients = [connect(port) for _ in range(24)]
+        for c in clients:
+            assert c.recv(2) == b"hi"
+        status, sessions = api(admin, "GET", "/sessions")
+        assert status == 200 and len(sessions) == 24
+        prefixes = {s["session"].split("-")[0] for s in sessions}
+        assert len(prefixes) == 2, prefixes  # both processes took connections
+        by_prefix = {}
+        for s in sessions:
+            by_prefix.setdefault(s["session"].split("-")[0], s["session"])
+        for session_id in by_prefix.values():
+            assert api(admin, "DELETE", f"/sessions/{session_id}") == (200, {"killed": session_id})
+        assert api(admin, "DELETE", "/sessions/nope-1")[0] == 404
+        assert len(api(admin, "GET", "/sessions")[1]) == 22
+        metrics = api(admin, "GET", "/metrics")[1]
+        assert 'wingatemap_connections_accepted_total{mapping="m"} 24.0' in metrics
+        assert 'wingatemap_sessions_ended_total{mapping="m",reason="killed"} 2.0' in metrics
+        assert api(admin, "POST", "/reload") == (200, {"reloaded": True})
+        proc.wait_line(r"SIGHUP: reloading")  # the worker reloads too
+        children = psutil.Process(proc.popen.pid).children(recursive=True)
+        assert children
+        for c in clients:
+            c.close()
+    finally:
+        code = proc.stop()
+        echo.close()
+    assert code in (0, -signal.SIGTERM), proc.output()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive
+    assert "Traceback" not in proc.output()

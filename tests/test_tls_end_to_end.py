@@ -102,6 +102,7 @@ def test_curl_through_tls_listener(tmp_path, pki, web_root):
         assert "user=alice (authenticated)" in connect
     finally:
         proc.stop()
+    assert "Unhandled Error" not in proc.output() and "Traceback" not in proc.output(), proc.output()
 
 
 def test_openssl_s_client_through_tls_listener(tmp_path, pki, web_root):
@@ -133,3 +134,4 @@ def test_openssl_s_client_through_tls_listener(tmp_path, pki, web_root):
         proc.wait_line(r"TLS handshake with 127\.0\.0\.1:\d+ failed")
     finally:
         proc.stop()
+    assert "Unhandled Error" not in proc.output(), proc.output()

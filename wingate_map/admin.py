@@ -14,9 +14,10 @@ import hmac
 import json
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from .activity import ACTIVITY_PAGE
 
@@ -46,25 +47,98 @@ class _Json(Resource):
         return json.dumps(body).encode() + b"\n"
 
 
+def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes) -> Deferred[tuple[int, Any]]:
+    """
+    One request to a worker's private admin API over its Unix socket: (status, JSON body).
+    """
+    from twisted.internet.endpoints import UNIXClientEndpoint
+    from twisted.web.client import Agent, readBody
+    from zope.interface import implementer
+    from twisted.web.iweb import IAgentEndpointFactory
+
+    @implementer(IAgentEndpointFactory)
+    class _ToSocket:
+        def endpointForURI(self, uri: Any) -> Any:
+            return UNIXClientEndpoint(reactor, socket_path, timeout=5)
+
+    agent = Agent.usingEndpointFactory(reactor, _ToSocket())
+    d = agent.request(method, b"http://worker" + path)
+    timer = reactor.callLater(10, d.cancel)
+
+    def got(response: Any) -> Deferred[tuple[int, Any]]:
+        return readBody(response).addCallback(lambda body: (response.code, json.loads(body or b"null")))
+
+    def settled(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return d.addCallback(got).addBoth(settled)
+
+
 class Sessions(_Json):
     """
-    C{GET /sessions}, C{DELETE /sessions/ID}.
+    C{GET /sessions}, C{DELETE /sessions/ID}; with worker processes, over all of them.
     """
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> Any:
         if request.postpath and request.postpath != [b""]:
             return self.reply(request, 404, {"error": "no such resource"})
         now = self.service.reactor.seconds()
-        return self.reply(request, 200, [_session_json(s, now) for s in self.service.sessions.live()])
+        own = [_session_json(s, now) for s in self.service.sessions.live()]
+        workers = self.service.worker_sockets()
+        if not workers:
+            return self.reply(request, 200, own)
+        asked = [_ask_worker(self.service.reactor, path, b"GET", b"/sessions") for path in workers]
 
-    def render_DELETE(self, request: Any) -> bytes:
+        def combine(results: list[tuple[bool, Any]]) -> None:
+            combined = list(own)
+            for ok, answer in results:
+                if ok and answer[0] == 200 and isinstance(answer[1], list):
+                    combined.extend(answer[1])
+                elif not ok:
+                    _log.warn("admin: a worker did not answer: {why}", why=answer.getErrorMessage())
+            request.write(self.reply(request, 200, combined))
+            request.finish()
+
+        DeferredList(asked, consumeErrors=True).addCallback(combine)
+        return NOT_DONE_YET
+
+    def render_DELETE(self, request: Any) -> Any:
         if len(request.postpath) != 1 or not request.postpath[0]:
             return self.reply(request, 400, {"error": "DELETE /sessions/ID"})
         session_id = request.postpath[0].decode("utf-8", "replace")
-        if not self.service.sessions.kill(session_id):
+        if self.service.sessions.kill(session_id):
+            _log.info("admin: session {session} killed by {peer}", session=session_id, peer=_peer(request))
+            return self.reply(request, 200, {"killed": session_id})
+        workers = self.service.worker_sockets()
+        if not workers:
             return self.reply(request, 404, {"error": f"no live session {session_id}"})
-        _log.info("admin: session {session} killed by {peer}", session=session_id, peer=request.getClientAddress().host)
-        return self.reply(request, 200, {"killed": session_id})
+        path = b"/sessions/" + request.postpath[0]
+
+        def next_worker(index: int) -> Deferred[None] | None:
+            if index >= len(workers):
+                request.write(self.reply(request, 404, {"error": f"no live session {session_id}"}))
+                request.finish()
+                return None
+
+            def answered(answer: tuple[int, Any]) -> Any:
+                if answer[0] == 200:
+                    _log.info("admin: session {session} (worker {worker}) killed by {peer}", session=session_id, worker=index + 1, peer=_peer(request))
+                    request.write(self.reply(request, 200, {"killed": session_id}))
+                    request.finish()
+                    return None
+                return next_worker(index + 1)
+
+            return _ask_worker(self.service.reactor, workers[index], b"DELETE", path).addCallbacks(answered, lambda f: next_worker(index + 1))
+
+        next_worker(0)
+        return NOT_DONE_YET
+
+
+def _peer(request: Any) -> str:
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or "a local client"
 
 
 class Metrics(Resource):
@@ -89,7 +163,11 @@ class Health(_Json):
     """
 
     def render_GET(self, request: Any) -> bytes:
-        return self.reply(request, 200, {"status": "ok", "sessions": len(self.service.sessions), "listeners": len(self.service.listeners)})
+        return self.reply(
+            request,
+            200,
+            {"status": "ok", "sessions": len(self.service.sessions), "listeners": len(self.service.listeners), "workers": self.service.config.service.workers},
+        )
 
 
 class Reload(_Json):
@@ -186,7 +264,7 @@ class AdminRoot(Resource):
         }
 
     def _authorised(self, request: Any, allow_query: bool) -> bool:
-        token = self.service.config.admin.token if self.service.config.admin else None
+        token = self.service.admin_token
         if token is None:
             return True
         offered = b""

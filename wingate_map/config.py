@@ -919,9 +919,7 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
     reader.check_keys(service_table, "service", _SERVICE_KEYS)
     drain_timeout = reader.number(service_table, "drain_timeout", "service.drain_timeout", 30.0)
     audit_log = reader.path_value(service_table, "audit_log", "service.audit_log")
-    workers = reader.integer(service_table, "workers", "service.workers", 1, 1, 256, "number of workers")
-    if workers != 1:
-        reader.error("service.workers", f"{workers}: more than one worker {_NOT_YET}; use 1")
+    workers = reader.integer(service_table, "workers", "service.workers", 1, 1, 64, "number of worker processes")
 
     interfaces = []
     for adapter, usage in reader.table(data, "interfaces", "interfaces").items():

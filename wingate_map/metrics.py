@@ -6,6 +6,7 @@ destination connect latency.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,7 +23,15 @@ class Metrics:
     A registry of wingatemap's metrics, and the event sink that keeps them.
     """
 
-    def __init__(self, sessions: Any) -> None:
+    def __init__(self, sessions: Any, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            # Workers share their metrics through files in this directory
+            # (prometheus_client's multiprocess mode); this process then writes its values there.
+            from prometheus_client import values
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+            values.ValueClass = values.MultiProcessValue()
         self.registry = CollectorRegistry()
         self.accepted = Counter("wingatemap_connections_accepted", "Connections accepted", ["mapping"], registry=self.registry)
         self.refused = Counter("wingatemap_connections_refused", "Sessions refused before relaying, by reason", ["mapping", "reason"], registry=self.registry)
@@ -35,7 +44,10 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
-        active = Gauge("wingatemap_connections_active", "Live sessions", ["mapping"], registry=self.registry)
+        if multiprocess_dir is None:
+            active = Gauge("wingatemap_connections_active", "Live sessions", ["mapping"], registry=self.registry)
+        else:
+            active = Gauge("wingatemap_connections_active", "Live sessions", ["mapping"], registry=self.registry, multiprocess_mode="livesum")
         self._active = active
         self._sessions = sessions
         self._mappings: set[str] = set()
@@ -46,7 +58,9 @@ class Metrics:
         """
         mapping = event["mapping"]
         self.accepted.labels(mapping).inc()
-        if mapping not in self._mappings:
+        if self.multiprocess_dir is not None:
+            self._active.labels(mapping).inc()
+        elif mapping not in self._mappings:
             self._mappings.add(mapping)
             self._active.labels(mapping).set_function(lambda m=mapping: self._sessions.count(m))
 
@@ -56,6 +70,8 @@ class Metrics:
         """
         mapping, reason = event["mapping"], event["reason"]
         self.ended.labels(mapping, reason).inc()
+        if self.multiprocess_dir is not None:
+            self._active.labels(mapping).dec()
         if reason in REFUSALS:
             self.refused.labels(mapping, reason).inc()
         if event["bytes_from_client"]:
@@ -73,4 +89,10 @@ class Metrics:
         """
         The Prometheus text exposition.
         """
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=self.multiprocess_dir)
+        return generate_latest(combined)

@@ -10,11 +10,14 @@ then ends the rest with reason C{shutdown}.
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any, Callable, Iterable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.tcp import makeBinding
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IListeningPort
@@ -35,6 +38,7 @@ from .sessions import SessionRegistry
 from .credentials import CredentialStore
 from .handlers import build_handlers
 from .metrics import Metrics
+from .workers import RUNTIME_ENV, WorkerPool, runtime_dir, worker_index, worker_socket
 from .tls import half_close_tls_factory, server_options
 
 _log = Logger()
@@ -113,6 +117,47 @@ class WingateMapService(MultiService):
         self.credentials: CredentialStore | None = None
         self._admin_port: IListeningPort | None = None
         self.install_sighup = False
+        # Worker processes (see workers.py): only when built for twistd (spawn_workers) and
+        # the configuration asks for more than one.
+        self.spawn_workers = False
+        self.worker_index = worker_index()
+        self._pool: WorkerPool | None = None
+        self.worker_dir: str | None = None
+        if config.service.workers > 1 and (self.worker_index > 0 or os.environ.get(RUNTIME_ENV)):
+            self._enable_workers()
+
+    def _enable_workers(self) -> None:
+        if self.worker_dir is not None:
+            return
+        self.worker_dir = runtime_dir()
+        metrics_dir = os.path.join(self.worker_dir, "metrics")
+        os.makedirs(metrics_dir, exist_ok=True)
+        self.metrics = Metrics(self.sessions, multiprocess_dir=metrics_dir)
+
+    @property
+    def multi_process(self) -> bool:
+        """
+        Whether this service is one of several worker processes.
+        """
+        return self.worker_dir is not None
+
+    @property
+    def admin_token(self) -> str | None:
+        """
+        The bearer token the admin API requires (a worker's private API needs none: its socket
+        is in a directory only this user can enter).
+        """
+        if self.worker_index > 0 or self.config.admin is None:
+            return None
+        return self.config.admin.token
+
+    def worker_sockets(self) -> list[str]:
+        """
+        The private admin sockets of the other workers (primary only).
+        """
+        if self.worker_index != 0 or self.worker_dir is None:
+            return []
+        return [worker_socket(self.worker_dir, i) for i in range(1, self.config.service.workers)]
 
     @property
     def reactor(self) -> Any:
@@ -203,9 +248,17 @@ class WingateMapService(MultiService):
         Listen for C{listener}; L{BindError} if it cannot.
         """
         factory = self._switches[(listener.mapping, listener.intercept)]
-        endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
         results: list[Any] = []
-        endpoint.listen(factory).addBoth(results.append)
+        if self.multi_process:
+            # Every worker listens on the same address and port; the kernel spreads connections.
+            try:
+                binding = makeBinding(listener.address, listener.port, reuseAddress=True, reusePort=True)
+                results.append(self.reactor.listenTCP(binding, factory, backlog=LISTEN_BACKLOG, interface=listener.address))
+            except CannotListenError:
+                results.append(Failure())
+        else:
+            endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
+            endpoint.listen(factory).addBoth(results.append)
         if not results:
             raise BindError(listener.mapping, listener.address, listener.port, "the endpoint did not listen synchronously")
         if isinstance(results[0], Failure):
@@ -234,7 +287,8 @@ class WingateMapService(MultiService):
         return list(chosen.values())
 
     def _apply_interception(self) -> None:
-        if not any(m.intercept_transparent for m in self.config.enabled_mappings()):
+        if self.worker_index > 0 or not any(m.intercept_transparent for m in self.config.enabled_mappings()):
+            # Only the primary owns the nftables table.
             return
         script = ruleset(self._redirects())
         if script != self._ruleset:
@@ -246,6 +300,11 @@ class WingateMapService(MultiService):
         """
         Open every listener, or none; install the interception table if any mapping asks.
         """
+        if self.config.service.workers > 1:
+            if self.spawn_workers or self.worker_index > 0:
+                self._enable_workers()
+            else:
+                _log.warn("service.workers = {n}: worker processes are started only under twistd / wingatemap run; running one process", n=self.config.service.workers)
         listeners = self._plan()
         if self.config.service.audit_log:
             try:
@@ -262,8 +321,10 @@ class WingateMapService(MultiService):
                 opened[listener] = self._open(listener)
             self._ports = opened
             self._apply_interception()
-            if self.config.admin is not None:
-                self._admin_port = self._open_admin()
+            if self.worker_index > 0 and self.worker_dir is not None:
+                self._admin_port = self._open_admin(f"unix:{worker_socket(self.worker_dir, self.worker_index)}:mode=600")
+            elif self.config.admin is not None:
+                self._admin_port = self._open_admin(self.config.admin.listen)
         except BaseException:
             self._ports = {}
             for port in opened.values():
@@ -290,22 +351,30 @@ class WingateMapService(MultiService):
                 _log.info("mapping {mapping}: intercepting port(s) {ports}{how}", mapping=mapping.name, ports=ports, how=" transparently (any destination)" if mapping.intercept_transparent else "")
         if self.install_sighup:
             self._install_sighup()
+        if self.worker_index == 0 and self.multi_process:
+            self._pool = WorkerPool(self.reactor, self.config.service.workers, self.worker_dir)
+            self.reactor.callWhenRunning(self._pool.start)
+            _log.info("starting {n} worker processes sharing the listeners (SO_REUSEPORT)", n=self.config.service.workers - 1)
         self._poller = LoopingCall(self.refresh_bindings)
         self._poller.clock = self.reactor
         self._poller.start(self.config.service.adapter_poll_interval, now=False).addErrback(
             lambda f: _log.failure("adapter watcher stopped", f)
         )
 
-    def _open_admin(self) -> IListeningPort:
+    def _open_admin(self, listen: str) -> IListeningPort:
         from .admin import admin_site
 
-        assert self.config.admin is not None
+        if listen.startswith("unix:"):
+            path = listen[len("unix:") :].split(":", 1)[0]
+            if os.path.exists(path):
+                os.unlink(path)  # left by a worker that died
         results: list[Any] = []
-        serverFromString(self.reactor, self.config.admin.listen).listen(admin_site(self)).addBoth(results.append)
+        serverFromString(self.reactor, listen).listen(admin_site(self)).addBoth(results.append)
         if not results or isinstance(results[0], Failure):
             why = results[0].getErrorMessage() if results else "did not listen synchronously"
-            raise WingateMapError(f"admin.listen: cannot listen on {self.config.admin.listen}: {why}")
-        _log.info("admin API listening on {listen}{auth}", listen=self.config.admin.listen, auth="" if self.config.admin.token else " (no token: loopback only)")
+            raise WingateMapError(f"admin.listen: cannot listen on {listen}: {why}")
+        if self.worker_index == 0:
+            _log.info("admin API listening on {listen}{auth}", listen=listen, auth="" if self.admin_token else " (no token: loopback only)")
         return results[0]
 
     def reload(self) -> list[str]:
@@ -391,6 +460,8 @@ class WingateMapService(MultiService):
                 self._ruleset = None
         except InterceptionError as e:
             _log.error("{error}", error=str(e))
+        if self._pool is not None:
+            self._pool.signal("HUP")
         _log.info(
             "configuration reloaded from {path}: {mappings} mapping(s); {opened} listener(s) opened, {closed} closed, {kept} kept",
             path=self.config_path,
@@ -441,6 +512,14 @@ class WingateMapService(MultiService):
 
         signal.signal(signal.SIGHUP, on_hup)
 
+        def stopping() -> None:
+            # Once stopping, a second SIGTERM (systemd signals every process of the unit, and
+            # the primary signals its workers too) must not make twistd stop twice.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        self.reactor.addSystemEventTrigger("before", "shutdown", stopping)
+
     def _sighup(self) -> None:
         _log.info("SIGHUP: reloading {path}", path=self.config_path)
         self.reload()
@@ -484,6 +563,9 @@ class WingateMapService(MultiService):
             self._ruleset = None
         # Drain once every listening socket is really closed (that takes one reactor turn).
         drained = gatherResults(closing, consumeErrors=True).addBoth(lambda _: self._drain())
+        if self._pool is not None:
+            stopped.append(self._pool.stop())
+            self._pool = None
         return gatherResults(stopped + [drained], consumeErrors=True).addBoth(self._stopped)
 
     def _drain(self) -> Deferred[None]:
@@ -513,6 +595,10 @@ class WingateMapService(MultiService):
         if self._audit is not None:
             self._audit.close()
             self._audit = None
+        if self.worker_index == 0 and self.worker_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.worker_dir, ignore_errors=True)
         if isinstance(result, Failure):
             _log.failure("error while stopping", result)
         _log.info("stopped")

@@ -125,4 +125,5 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         extra_mappings=run.extra_mappings,
     )
     service.install_sighup = True
+    service.spawn_workers = True
     return service

@@ -397,7 +397,8 @@ def _half_close_classes() -> tuple[type, type]:
                 else:
                     if not self._aborted:
                         ProtocolWrapper.dataReceived(self, data)
-            self._flushSendBIO()
+            if self._tlsConnection is not None:  # None once the connection is gone
+                self._flushSendBIO()
 
         def _peer_finished(self) -> None:
             """
