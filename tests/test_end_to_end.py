@@ -71,6 +71,23 @@ class Proc:
                     return line
         raise AssertionError(f"no line matching {pattern!r} from {self.args}; output:\n{''.join(self.lines)}")
 
+    def wait_count(self, pattern: str, count: int, timeout: float = 30.0) -> None:
+        """
+        Wait until C{count} output lines match C{pattern} (e.g. one from every process).
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in self.lines if regex.search(line)) < count:
+            seen = len(self.lines)
+            try:
+                self.wait_line(r"$^", timeout=min(0.2, max(0.01, deadline - time.monotonic())))
+            except AssertionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} lines matching {pattern!r}; output:\n{self.output()}")
+            if len(self.lines) == seen and self.popen.poll() is not None:
+                raise AssertionError(f"process ended; output:\n{self.output()}")
+
     def finish(self, timeout: float = 60.0) -> int:
         """
         Wait for the process to exit and collect the rest of its output.

@@ -342,6 +342,7 @@ def test_workers_share_listeners_with_one_admin_view(tmp_path):
     proc, config = start(
         tmp_path,
         f'[service]\nworkers = 2\ndrain_timeout = 1\n[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\ntoken = "{TOKEN}"\n'
+        f'[users.alice]\nlocations = ["10.255.0.9"]\n'
         f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\ndefault = {{ host = "127.0.0.1", port = {echo.port} }}\n',
     )
     try:
@@ -366,6 +367,15 @@ def test_workers_share_listeners_with_one_admin_view(tmp_path):
         assert 'wingatemap_sessions_ended_total{mapping="m",reason="killed"} 2.0' in metrics
         assert api(admin, "POST", "/reload") == (200, {"reloaded": True})
         proc.wait_line(r"SIGHUP: reloading")  # the worker reloads too
+        # A login reaches every process: new connections, whichever worker takes them, are alice's.
+        assert api(admin, "PUT", "/credentials/127.0.0.1", body={"user": "alice", "ttl": 60})[0] == 200
+        proc.wait_count(r"admin: 127\.0\.0\.1 logged in as alice", 2)  # the primary and the worker
+        more = [connect(port) for _ in range(12)]
+        for c in more:
+            assert c.recv(2) == b"hi"
+        fresh = [s for s in api(admin, "GET", "/sessions")[1] if s["user"] == "alice"]
+        assert len(fresh) == 12 and len({s["session"].split("-")[0] for s in fresh}) == 2
+        clients += more
         children = psutil.Process(proc.popen.pid).children(recursive=True)
         assert children
         for c in clients:

@@ -47,12 +47,14 @@ class _Json(Resource):
         return json.dumps(body).encode() + b"\n"
 
 
-def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes) -> Deferred[tuple[int, Any]]:
+def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes, body: bytes | None = None) -> Deferred[tuple[int, Any]]:
     """
     One request to a worker's private admin API over its Unix socket: (status, JSON body).
     """
     from twisted.internet.endpoints import UNIXClientEndpoint
-    from twisted.web.client import Agent, readBody
+    from io import BytesIO
+
+    from twisted.web.client import Agent, FileBodyProducer, readBody
     from zope.interface import implementer
     from twisted.web.iweb import IAgentEndpointFactory
 
@@ -62,7 +64,8 @@ def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes) -> D
             return UNIXClientEndpoint(reactor, socket_path, timeout=5)
 
     agent = Agent.usingEndpointFactory(reactor, _ToSocket())
-    d = agent.request(method, b"http://worker" + path)
+    producer = FileBodyProducer(BytesIO(body)) if body is not None else None
+    d = agent.request(method, b"http://worker" + path, None, producer)
     timer = reactor.callLater(10, d.cancel)
 
     def got(response: Any) -> Deferred[tuple[int, Any]]:
@@ -213,7 +216,16 @@ class Credentials(_Json):
         except ValueError as e:
             return self.reply(request, 400, {"error": str(e)})
         _log.info("admin: {client_ip} logged in as {user} for {ttl}s", client_ip=client_ip, user=user, ttl=ttl)
+        self._forward(b"PUT", request.postpath[0], json.dumps({"user": user, "ttl": ttl}).encode())
         return self.reply(request, 200, {"client_ip": self.service.credentials.key(client_ip), "user": user, "ttl": ttl})
+
+    def _forward(self, method: bytes, client_ip: bytes, body: bytes | None = None) -> None:
+        """
+        With worker processes, every process must know the login: tell each worker too.
+        """
+        for index, path in enumerate(self.service.worker_sockets(), start=1):
+            d = _ask_worker(self.service.reactor, path, method, b"/credentials/" + client_ip, body)
+            d.addErrback(lambda f, i=index: _log.warn("admin: worker {worker} did not take the login change: {why}", worker=i, why=f.getErrorMessage()))
 
     def render_DELETE(self, request: Any) -> bytes:
         client_ip = self._ip(request)
@@ -226,6 +238,7 @@ class Credentials(_Json):
         if not found:
             return self.reply(request, 404, {"error": f"no login for {client_ip}"})
         _log.info("admin: {client_ip} logged out", client_ip=client_ip)
+        self._forward(b"DELETE", request.postpath[0])
         return self.reply(request, 200, {"logged_out": client_ip})
 
 
