@@ -32,7 +32,7 @@ from wingate_map.tls import (
     subject_common_name,
 )
 
-from .helpers import PeerFactory, Peer, free_port, start_service
+from .helpers import Peer, PeerFactory, free_port, start_service, wait_for
 from .pki import PKI
 from .test_integration import connect, listen, reactor
 
@@ -504,4 +504,51 @@ def test_listener_requires_client_certificate(pki, tmp_path, caplog_twisted):
         assert any("TLS handshake with 127.0.0.1:" in line and "failed" in line for line in caplog_twisted)
     finally:
         yield b.stopService()
+        yield dest.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_rereads_certificates(pki, tmp_path):
+    """
+    A reload re-reads the listener's certificate files: connections after it are served the
+    renewed certificate, while a session opened before it keeps flowing.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+    from wingate_map import service_from_file
+
+    servers = PeerFactory(payload=b"", half_close=False, close_on_eof=False)
+    dest = yield listen(servers)
+    cert, key = pki.issue("listener", "localhost", ("localhost",))
+    port = free_port()
+    config = tmp_path / "wingatemap.toml"
+    config.write_text(
+        f'[service]\ndrain_timeout = 0.5\n[mappings.m]\nport = {port}\nbind = "127.0.0.1"\ntls = {{ cert = "{cert}", key = "{key}" }}\n'
+        f'default = {{ host = "127.0.0.1", port = {dest.getHost().port} }}\n'
+    )
+    service = service_from_file(str(config), reactor=reactor())
+    service.startService()
+    trust = Certificate.loadPEM(open(pki.ca, "rb").read())
+
+    @defer.inlineCallbacks
+    def served_serial():
+        client = Peer(payload=b"", half_close=False, close_on_eof=False)
+        yield connectProtocol(wrapClientTLS(optionsForClientTLS("localhost", trustRoot=trust), TCP4ClientEndpoint(reactor(), "127.0.0.1", port)), client)
+        yield wait_for(lambda: bool(client.transport.getPeerCertificate()))
+        return client, client.transport.getPeerCertificate().get_serial_number()
+
+    try:
+        first, before = yield served_serial()
+        pki.issue("listener", "localhost", ("localhost",))  # renewed in place: same paths
+        assert service.reload() == []
+        second, after = yield served_serial()
+        assert after != before
+        first.transport.write(b"old session")
+        server = servers.peers[0]
+        yield server.when_received(11)
+        first.transport.loseConnection()
+        second.transport.loseConnection()
+    finally:
+        yield service.stopService()
         yield dest.stopListening()

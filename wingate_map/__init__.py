@@ -44,11 +44,12 @@ __all__ = [
 
 def service_from_file(path: str, **kwargs: Any) -> WingateMapService:
     """
-    A L{WingateMapService} for the configuration file at C{path}; keyword arguments go to
-    L{WingateMapService} (C{reactor}, C{sinks}, C{endpoints}...).
+    A L{WingateMapService} for the configuration file at C{path} (which C{reload()} re-reads);
+    keyword arguments go to L{WingateMapService} (C{reactor}, C{sinks}, C{endpoints}...).
 
     @raise ConfigError: the file is unreadable or invalid (every problem listed).
     """
+    kwargs.setdefault("config_path", path)
     return WingateMapService(load_config(path), **kwargs)
 
 

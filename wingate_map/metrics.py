@@ -51,13 +51,14 @@ class Metrics:
         self._active = active
         self._sessions = sessions
         self._mappings: set[str] = set()
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def client_connect(self, event: dict[str, Any]) -> None:
         """
         Count an accepted connection.
         """
         mapping = event["mapping"]
-        self.accepted.labels(mapping).inc()
+        self._child(self.accepted, mapping).inc()
         if self.multiprocess_dir is not None:
             self._active.labels(mapping).inc()
         elif mapping not in self._mappings:
@@ -69,21 +70,29 @@ class Metrics:
         Count the end, its reason and its bytes.
         """
         mapping, reason = event["mapping"], event["reason"]
-        self.ended.labels(mapping, reason).inc()
+        self._child(self.ended, mapping, reason).inc()
         if self.multiprocess_dir is not None:
             self._active.labels(mapping).dec()
         if reason in REFUSALS:
-            self.refused.labels(mapping, reason).inc()
+            self._child(self.refused, mapping, reason).inc()
         if event["bytes_from_client"]:
-            self.bytes.labels(mapping, "from_client").inc(event["bytes_from_client"])
+            self._child(self.bytes, mapping, "from_client").inc(event["bytes_from_client"])
         if event["bytes_to_client"]:
-            self.bytes.labels(mapping, "to_client").inc(event["bytes_to_client"])
+            self._child(self.bytes, mapping, "to_client").inc(event["bytes_to_client"])
 
     def observe_connect(self, mapping: str, seconds: float) -> None:
         """
         A destination connected after C{seconds}.
         """
-        self.connect_latency.labels(mapping).observe(seconds)
+        self._child(self.connect_latency, mapping).observe(seconds)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # labels() takes a lock and builds a key on every call; this runs per connection.
+        key = (id(metric),) + labels
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         """

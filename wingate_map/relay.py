@@ -560,10 +560,12 @@ class RelayProtocol(Protocol):
         if peer is None or self._dest_lost:
             self.transport.loseConnection()
             return
+        if self._dest_eof:
+            # Both directions are done: closing (after the buffered bytes) sends the FIN too.
+            self._close_both()
+            return
         peer.transport.unregisterProducer()
         peer.transport.loseWriteConnection()
-        if self._dest_eof:
-            self._close_both()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -578,10 +580,11 @@ class RelayProtocol(Protocol):
         self._first_close = self._first_close or "destination-closed"
         if self._client_lost:
             return
-        self.transport.unregisterProducer()
-        self.transport.loseWriteConnection()
         if self._client_eof:
             self._close_both()
+            return
+        self.transport.unregisterProducer()
+        self.transport.loseWriteConnection()
 
     def _close_both(self) -> None:
         client, peer = self.transport, self.peer
