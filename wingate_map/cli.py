@@ -83,6 +83,13 @@ def describe(config: Config) -> list[str]:
             groups = f" groups {', '.join(user.groups)}" if user.groups else ""
             places = ", ".join(str(l) for l in user.locations) or "(no locations)"
             lines.append(f"  {user.name}: {places}{groups}")
+    if config.admin is not None:
+        lines.append(f"admin API: {config.admin.listen} ({'bearer token set' if config.admin.token else 'no token: loopback only'})")
+    if config.service.workers > 1:
+        lines.append(f"workers: {config.service.workers} processes sharing the listeners")
+    for handler in config.handlers:
+        failure = f", on_failure {handler.on_failure}" if handler.event == "ClientConnect" else ""
+        lines.append(f"handler {handler} timeout {handler.timeout:g}s{failure}")
     for warning in list(config.warnings) + binding_warnings:
         lines.append(f"warning: {warning}")
     return lines
