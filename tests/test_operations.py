@@ -367,14 +367,21 @@ def test_workers_share_listeners_with_one_admin_view(tmp_path):
         assert 'wingatemap_sessions_ended_total{mapping="m",reason="killed"} 2.0' in metrics
         assert api(admin, "POST", "/reload") == (200, {"reloaded": True})
         proc.wait_line(r"SIGHUP: reloading")  # the worker reloads too
-        # A login reaches every process: new connections, whichever worker takes them, are alice's.
+        # A login reaches every process: new connections, whichever process takes them, are alice's.
         assert api(admin, "PUT", "/credentials/127.0.0.1", body={"user": "alice", "ttl": 60})[0] == 200
-        proc.wait_count(r"admin: 127\.0\.0\.1 logged in as alice", 2)  # the primary and the worker
+        # The worker dies and is restarted: it still knows the login (a shared file).
+        worker_pid = int(proc.wait_line(r"worker 1 started \(pid (\d+)\)").rsplit("pid ", 1)[1].split(")")[0])
+        os.kill(worker_pid, signal.SIGKILL)
+        proc.wait_line(r"worker 1 exited unexpectedly")
+        proc.wait_count(r"Site starting on .*worker-1\.sock", 2)
         more = [connect(port) for _ in range(12)]
         for c in more:
             assert c.recv(2) == b"hi"
-        fresh = [s for s in api(admin, "GET", "/sessions")[1] if s["user"] == "alice"]
+        live = api(admin, "GET", "/sessions")[1]
+        fresh = [s for s in live if s["user"] == "alice"]
         assert len(fresh) == 12 and len({s["session"].split("-")[0] for s in fresh}) == 2
+        active = [l for l in api(admin, "GET", "/metrics")[1].splitlines() if l.startswith("wingatemap_connections_active")]
+        assert active == [f'wingatemap_connections_active{{mapping="m"}} {float(len(live))}'], active  # the dead worker's sessions are not counted
         clients += more
         children = psutil.Process(proc.popen.pid).children(recursive=True)
         assert children

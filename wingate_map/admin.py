@@ -216,16 +216,7 @@ class Credentials(_Json):
         except ValueError as e:
             return self.reply(request, 400, {"error": str(e)})
         _log.info("admin: {client_ip} logged in as {user} for {ttl}s", client_ip=client_ip, user=user, ttl=ttl)
-        self._forward(b"PUT", request.postpath[0], json.dumps({"user": user, "ttl": ttl}).encode())
         return self.reply(request, 200, {"client_ip": self.service.credentials.key(client_ip), "user": user, "ttl": ttl})
-
-    def _forward(self, method: bytes, client_ip: bytes, body: bytes | None = None) -> None:
-        """
-        With worker processes, every process must know the login: tell each worker too.
-        """
-        for index, path in enumerate(self.service.worker_sockets(), start=1):
-            d = _ask_worker(self.service.reactor, path, method, b"/credentials/" + client_ip, body)
-            d.addErrback(lambda f, i=index: _log.warn("admin: worker {worker} did not take the login change: {why}", worker=i, why=f.getErrorMessage()))
 
     def render_DELETE(self, request: Any) -> bytes:
         client_ip = self._ip(request)
@@ -238,7 +229,6 @@ class Credentials(_Json):
         if not found:
             return self.reply(request, 404, {"error": f"no login for {client_ip}"})
         _log.info("admin: {client_ip} logged out", client_ip=client_ip)
-        self._forward(b"DELETE", request.postpath[0])
         return self.reply(request, 200, {"logged_out": client_ip})
 
 

@@ -6,6 +6,8 @@ location assumptions.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Iterable
 
 from zope.interface import implementer
@@ -26,10 +28,14 @@ class CredentialStore:
 
     level = "authenticated"
 
-    def __init__(self, clock: Any, users: Iterable[User] = ()) -> None:
+    def __init__(self, clock: Any, users: Iterable[User] = (), shared_path: str | None = None) -> None:
         self.clock = clock
         self._users = {u.name: u for u in users}
         self._entries: dict[str, tuple[str, float]] = {}
+        # With worker processes, the logins live in a file every process reads when it changes
+        # (one stat per lookup), so a worker started later, or restarted, knows them too.
+        self._shared_path = shared_path
+        self._shared_mtime: int | None = None
 
     def set_users(self, users: Iterable[User]) -> None:
         """
@@ -61,19 +67,55 @@ class CredentialStore:
         if not (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and 0 < ttl <= MAX_TTL):
             raise ValueError(f"ttl must be a number of seconds > 0 and <= {MAX_TTL:g}")
         expires = self.clock.seconds() + float(ttl)
+        self._sync()
         self._entries[key] = (user, expires)
+        self._publish()
         return expires
+
+    def _sync(self) -> None:
+        """
+        Re-read the shared file if another process changed it.
+        """
+        if self._shared_path is None:
+            return
+        try:
+            mtime = os.stat(self._shared_path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._shared_mtime:
+            return
+        try:
+            with open(self._shared_path, encoding="utf-8") as f:
+                data = json.load(f)
+            self._entries = {ip: (entry[0], float(entry[1])) for ip, entry in data.items()}
+            self._shared_mtime = mtime
+        except (OSError, ValueError, TypeError, IndexError):
+            pass
+
+    def _publish(self) -> None:
+        if self._shared_path is None:
+            return
+        temporary = f"{self._shared_path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump({ip: [user, expires] for ip, (user, expires) in self._entries.items()}, f)
+        os.replace(temporary, self._shared_path)
+        self._shared_mtime = os.stat(self._shared_path).st_mtime_ns
 
     def logout(self, client_ip: str) -> bool:
         """
         Forget C{client_ip}'s login; whether there was one.
         """
-        return self._entries.pop(self.key(client_ip), None) is not None
+        self._sync()
+        found = self._entries.pop(self.key(client_ip), None) is not None
+        if found:
+            self._publish()
+        return found
 
     def active(self) -> dict[str, tuple[str, float]]:
         """
         The unexpired logins.
         """
+        self._sync()
         now = self.clock.seconds()
         for key in [k for k, (_, expires) in self._entries.items() if expires <= now]:
             del self._entries[key]
@@ -83,6 +125,7 @@ class CredentialStore:
         """
         See L{IIdentitySource.identify}.
         """
+        self._sync()
         entry = self._entries.get(self.key(client.client_ip)) if client_address(client.client_ip) else None
         if entry is None:
             return None

@@ -94,6 +94,15 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def process_gone(self, pid: int | None) -> None:
+        """
+        A worker process ended: its live-session gauge no longer counts.
+        """
+        if self.multiprocess_dir is not None and pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.multiprocess_dir)
+
     def render(self) -> bytes:
         """
         The Prometheus text exposition.

@@ -311,7 +311,8 @@ class WingateMapService(MultiService):
                 self._audit = AuditLogSink(self.config.service.audit_log)
             except OSError as e:
                 raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
-        self.credentials = CredentialStore(self.reactor, self.config.users)
+        shared = os.path.join(self.worker_dir, "credentials.json") if self.worker_dir is not None else None
+        self.credentials = CredentialStore(self.reactor, self.config.users, shared_path=shared)
         self.events, self.factories, targets = self._build(self.config, self._audit)
         for key, target in targets.items():
             self._switch(key, target)
@@ -352,7 +353,7 @@ class WingateMapService(MultiService):
         if self.install_sighup:
             self._install_sighup()
         if self.worker_index == 0 and self.multi_process:
-            self._pool = WorkerPool(self.reactor, self.config.service.workers, self.worker_dir)
+            self._pool = WorkerPool(self.reactor, self.config.service.workers, self.worker_dir, on_exit=self.metrics.process_gone)
             self.reactor.callWhenRunning(self._pool.start)
             _log.info("starting {n} worker processes sharing the listeners (SO_REUSEPORT)", n=self.config.service.workers - 1)
         self._poller = LoopingCall(self.refresh_bindings)

@@ -75,11 +75,13 @@ class WorkerPool:
     Starts, watches and stops the worker processes of the primary.
     """
 
-    def __init__(self, reactor: Any, count: int, directory: str) -> None:
+    def __init__(self, reactor: Any, count: int, directory: str, on_exit: Any = None) -> None:
         self.reactor = reactor
         self.count = count
         self.directory = directory
+        self.on_exit = on_exit
         self.children: dict[int, tuple[Any, _Child]] = {}
+        self.pids: dict[int, int] = {}
         self.stopping = False
 
     def argv(self) -> list[str]:
@@ -97,10 +99,14 @@ class WorkerPool:
         child = _Child(self, index)
         process = self.reactor.spawnProcess(child, sys.executable, self.argv(), env=env, childFDs={0: "w", 1: 1, 2: 2})
         self.children[index] = (process, child)
+        self.pids[index] = process.pid
         _log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
 
     def ended(self, index: int, reason: Any) -> None:
         self.children.pop(index, None)
+        pid = self.pids.pop(index, None)  # Twisted clears process.pid once it is reaped
+        if self.on_exit is not None and pid is not None:
+            self.on_exit(pid)
         if self.stopping:
             _log.info("worker {index} stopped", index=index)
             return
