@@ -32,11 +32,8 @@ BIND_KEYWORDS = USAGE_CLASSES + ("all",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
-# Keys the SPEC defines that this version does not implement yet.  They are refused loudly rather
-# than ignored: an operator who writes tls = true must not get plaintext.
-_NOT_YET = "is not supported by this version of wingatemap yet"
+# The keys allowed in each table; anything else is an error (with a "did you mean").
 _TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
-_TOP_NOT_YET: tuple[str, ...] = ()
 _ADMIN_KEYS = ("listen", "token")
 _EVENT_NAMES = ("ClientConnect", "ClientDisconnect")
 _HANDLER_KEYS = ("run", "python", "timeout", "on_failure")
@@ -62,7 +59,6 @@ _MAPPING_KEYS = (
     "max_connections",
     "max_connections_per_client",
 )
-_MAPPING_NOT_YET: tuple[str, ...] = ()
 _DESTINATION_KEYS = (
     "host",
     "port",
@@ -76,7 +72,6 @@ _DESTINATION_KEYS = (
     "min_tls",
     "proxy_protocol",
 )
-_DESTINATION_NOT_YET: tuple[str, ...] = ()
 _DESTINATION_TLS_KEYS = ("server_name", "ca", "verify", "client_cert", "client_key", "min_tls")
 _SERVER_TLS_KEYS = ("cert", "key", "client_ca", "min_tls")
 
@@ -344,18 +339,12 @@ class _Reader:
                 self.error(where, str(e))
         return tuple(found)
 
-    def check_keys(
-        self, table: dict[str, Any], path: str, known: tuple[str, ...], not_yet: tuple[str, ...] = ()
-    ) -> None:
+    def check_keys(self, table: dict[str, Any], path: str, known: tuple[str, ...]) -> None:
         for key in table:
-            where = f"{path}.{key}" if path else key
-            if key in not_yet:
-                self.error(where, _NOT_YET)
-            elif key not in known:
+            if key not in known:
                 close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
                 hint = f' (did you mean "{close[0]}"?)' if close else ""
-                allowed = ", ".join(k for k in known if k not in not_yet)
-                self.error(where, f"unknown key{hint}; allowed here: {allowed}")
+                self.error(f"{path}.{key}" if path else key, f"unknown key{hint}; allowed here: {', '.join(known)}")
 
     def table(self, parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
         value = parent.get(key, {})
@@ -399,16 +388,19 @@ class _Reader:
             return default
         return value
 
-    def path_value(self, table: dict[str, Any], key: str, path: str) -> str | None:
+    def path_value(self, table: dict[str, Any], key: str, path: str, what: str = "a file path", parent_must_exist: bool = False) -> str | None:
+        """
+        A file path, resolved against the configuration file's directory; L{None} if absent.
+        """
         value = table.get(key)
         if value is None:
             return None
         if not isinstance(value, str) or not value:
-            self.error(path, f"{_describe(value)} is not allowed; expected a file path")
+            self.error(path, f"{_describe(value)} is not allowed; expected {what}")
             return None
         full = os.path.join(self.base_dir, os.path.expanduser(value))
         parent = os.path.dirname(full) or "."
-        if not os.path.isdir(parent):
+        if parent_must_exist and not os.path.isdir(parent):
             self.error(path, f"{_describe(value)}: directory {parent} does not exist")
             return None
         return full
@@ -426,7 +418,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
     if not isinstance(value, dict):
         reader.error(path, f"must be a table like {{ host = \"10.0.0.10\", port = 3389 }}, not {_describe(value)}")
         return None
-    reader.check_keys(value, path, _DESTINATION_KEYS, _DESTINATION_NOT_YET)
+    reader.check_keys(value, path, _DESTINATION_KEYS)
     proxy = value.get("proxy_protocol", False)
     if proxy not in (False, "v1", "v2"):
         reader.error(f"{path}.proxy_protocol", f"{_describe(proxy)} is not allowed; expected false, \"v1\" or \"v2\"")
@@ -470,16 +462,6 @@ def _read_min_tls(reader: _Reader, table: dict[str, Any], path: str) -> str:
     return value
 
 
-def _read_file_key(reader: _Reader, table: dict[str, Any], key: str, path: str) -> str | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        reader.error(path, f"{_describe(value)} is not allowed; expected a PEM file path")
-        return None
-    return os.path.join(reader.base_dir, os.path.expanduser(value))
-
-
 def _check_pair(reader: _Reader, cert: str, key: str, path: str) -> bool:
     ok = True
     for problem in check_pair(cert, key):
@@ -502,7 +484,7 @@ def _read_client_tls(reader: _Reader, value: dict[str, Any], path: str) -> Clien
     if server_name is not None and (not isinstance(server_name, str) or not _valid_host(server_name)):
         reader.error(f"{path}.server_name", f"{_describe(server_name)} is not a host name")
         server_name = None
-    ca = _read_file_key(reader, value, "ca", f"{path}.ca")
+    ca = reader.path_value(value, "ca", f"{path}.ca", "a PEM file path")
     if ca is not None:
         try:
             load_certificates(ca)
@@ -511,8 +493,8 @@ def _read_client_tls(reader: _Reader, value: dict[str, Any], path: str) -> Clien
     verify = reader.boolean(value, "verify", f"{path}.verify", True)
     if not verify:
         reader.warn(f"{path}.verify", "false: the destination's certificate and name are NOT checked; anyone in the path can read and change this traffic")
-    client_cert = _read_file_key(reader, value, "client_cert", f"{path}.client_cert")
-    client_key = _read_file_key(reader, value, "client_key", f"{path}.client_key")
+    client_cert = reader.path_value(value, "client_cert", f"{path}.client_cert", "a PEM file path")
+    client_key = reader.path_value(value, "client_key", f"{path}.client_key", "a PEM file path")
     if client_key is not None and client_cert is None:
         reader.error(f"{path}.client_key", "is only allowed with client_cert")
     if client_cert is not None:
@@ -532,13 +514,13 @@ def _read_server_tls(reader: _Reader, value: Any, path: str) -> ServerTls | None
         reader.error(path, f"must be a table like {{ cert = \"gw.pem\", key = \"gw.key\" }}, not {_describe(value)}")
         return None
     reader.check_keys(value, path, _SERVER_TLS_KEYS)
-    cert = _read_file_key(reader, value, "cert", f"{path}.cert")
+    cert = reader.path_value(value, "cert", f"{path}.cert", "a PEM file path")
     if cert is None:
         if "cert" not in value:
             reader.error(f"{path}.cert", "is required (a PEM certificate, optionally followed by its chain)")
         return None
-    key = _read_file_key(reader, value, "key", f"{path}.key") or cert
-    client_ca = _read_file_key(reader, value, "client_ca", f"{path}.client_ca")
+    key = reader.path_value(value, "key", f"{path}.key", "a PEM file path") or cert
+    client_ca = reader.path_value(value, "client_ca", f"{path}.client_ca", "a PEM file path")
     if client_ca is not None:
         try:
             load_certificates(client_ca)
@@ -759,7 +741,7 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         return None
     if not _NAME_RE.match(name):
         reader.error(path, "a mapping name may use only letters, digits, \"_\" and \"-\" and must start with a letter or digit")
-    reader.check_keys(table, path, _MAPPING_KEYS, _MAPPING_NOT_YET)
+    reader.check_keys(table, path, _MAPPING_KEYS)
     if "port" not in table:
         reader.error(f"{path}.port", "is required; expected an integer 1-65535")
         port = 0
@@ -913,12 +895,12 @@ def _check_callable(text: Any) -> str | None:
 
 def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
     reader = _Reader(base_dir)
-    reader.check_keys(data, "", _TOP_KEYS, _TOP_NOT_YET)
+    reader.check_keys(data, "", _TOP_KEYS)
 
     service_table = reader.table(data, "service", "service")
     reader.check_keys(service_table, "service", _SERVICE_KEYS)
     drain_timeout = reader.number(service_table, "drain_timeout", "service.drain_timeout", 30.0)
-    audit_log = reader.path_value(service_table, "audit_log", "service.audit_log")
+    audit_log = reader.path_value(service_table, "audit_log", "service.audit_log", parent_must_exist=True)
     workers = reader.integer(service_table, "workers", "service.workers", 1, 1, 64, "number of worker processes")
 
     interfaces = []
