@@ -103,7 +103,7 @@ def _ports_text(ports: tuple[int, ...]) -> str:
 
 def _intercept_rules(args: argparse.Namespace) -> int:
     from .bindings import plan_listeners
-    from .interception import Redirect, ruleset
+    from .interception import redirects, ruleset
     from .tap import build_config
 
     try:
@@ -112,18 +112,11 @@ def _intercept_rules(args: argparse.Namespace) -> int:
     except WingateMapError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
-    import ipaddress
-
-    chosen: dict[tuple[str, str, int], Redirect] = {}
-    for listener in listeners:
-        mapping = config.mapping(listener.mapping)
-        if mapping.intercept_transparent and listener.intercept and listener.adapter and not ipaddress.ip_address(listener.address).is_loopback:
-            chosen.setdefault((mapping.name, listener.adapter, ipaddress.ip_address(listener.address).version), Redirect(mapping.name, listener.adapter, listener.address, mapping.intercept))
     if not any(m.intercept_transparent for m in config.enabled_mappings()):
         print("# no enabled mapping has intercept_transparent = true: no rules needed", file=sys.stderr)
     print(f"# nftables ruleset for transparent interception ({config.source}), for this machine's adapters now.")
     print("# Apply with: nft -f FILE   (wingatemap installs and removes it itself when it runs as root)")
-    print(ruleset(chosen.values()), end="")
+    print(ruleset(redirects(config, listeners)), end="")
     return 0
 
 

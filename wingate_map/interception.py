@@ -46,6 +46,24 @@ class Redirect:
     ports: tuple[int, ...]
 
 
+def redirects(config: Any, listeners: Iterable[Any]) -> list[Redirect]:
+    """
+    The redirects transparent interception needs for C{listeners} (of C{config}): for each
+    mapping with C{intercept_transparent}, bound adapter and address family, the adapter's first
+    listening address.  Loopback gets none (local traffic never passes prerouting).
+    """
+    chosen: dict[tuple[str, str, int], Redirect] = {}
+    for listener in listeners:
+        mapping = config.mapping(listener.mapping)
+        if not (mapping.intercept_transparent and listener.intercept and listener.adapter):
+            continue
+        address = ipaddress.ip_address(listener.address)
+        if not address.is_loopback:
+            key = (mapping.name, listener.adapter, address.version)
+            chosen.setdefault(key, Redirect(mapping.name, listener.adapter, listener.address, mapping.intercept))
+    return list(chosen.values())
+
+
 def _port_set(ports: Iterable[int]) -> str:
     ordered = sorted(set(ports))
     parts: list[str] = []

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .bindings import Adapter, Listener, plan_listeners
-from .interception import TABLE, InterceptionError, Redirect, install, remove, ruleset
+from .interception import TABLE, InterceptionError, install, redirects, remove, ruleset
 from .config import Config
 from .destinations import StandardEndpointFactory
 from .errors import BindError, BindingError, WingateMapError
@@ -268,29 +268,11 @@ class WingateMapService(MultiService):
             raise BindError(listener.mapping, listener.address, listener.port, why)
         return results[0]
 
-    def _redirects(self) -> list[Redirect]:
-        """
-        The nftables redirects transparent interception needs for the open listeners: for each
-        bound adapter and address family, its first listening address.
-        """
-        chosen: dict[tuple[str, str, int], Redirect] = {}
-        for listener in self._ports:
-            mapping = self.config.mapping(listener.mapping)
-            if not (mapping.intercept_transparent and listener.intercept and listener.adapter):
-                continue
-            address = ipaddress.ip_address(listener.address)
-            if address.is_loopback:
-                continue
-            key = (mapping.name, listener.adapter, address.version)
-            if key not in chosen:
-                chosen[key] = Redirect(mapping.name, listener.adapter, listener.address, mapping.intercept)
-        return list(chosen.values())
-
     def _apply_interception(self) -> None:
         if self.worker_index > 0 or not any(m.intercept_transparent for m in self.config.enabled_mappings()):
             # Only the primary owns the nftables table.
             return
-        script = ruleset(self._redirects())
+        script = ruleset(redirects(self.config, self._ports))
         if script != self._ruleset:
             install(script)
             self._ruleset = script
