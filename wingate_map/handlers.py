@@ -16,7 +16,7 @@ import os
 import shutil
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -73,12 +73,18 @@ class _Base:
     def _call(self, event: dict[str, Any]) -> Deferred[bool]:
         raise NotImplementedError
 
-    def _with_timeout(self, d: Deferred[Any], on_timeout: Callable[[], None]) -> Deferred[Any]:
+    def _with_timeout(self, d: Deferred[Any], on_timeout: Callable[[], None], what: str = "") -> Deferred[Any]:
+        """
+        C{d}, failing with L{TimeoutError} if it has not fired within the handler's timeout
+        (after C{on_timeout} ran, e.g. to kill a program).
+        """
         timer = self.reactor.callLater(self.handler.timeout, lambda: (on_timeout(), d.cancel()))
 
         def settled(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
+            if isinstance(result, Failure) and result.check(CancelledError):
+                raise TimeoutError(f"no answer within {self.handler.timeout:g}s{what}")
             return result
 
         return d.addBoth(settled)
@@ -139,13 +145,6 @@ class ProgramHandler(_Base):
             except Exception:
                 pass
 
-        def cancelled(failure: Failure) -> Any:
-            from twisted.internet.defer import CancelledError
-
-            if failure.check(CancelledError):
-                raise TimeoutError(f"no answer within {self.handler.timeout:g}s (killed)")
-            return failure
-
         def verdict(code: int) -> bool:
             if code != 0:
                 output = protocol.output.decode("utf-8", "replace").strip()
@@ -158,7 +157,7 @@ class ProgramHandler(_Base):
                 )
             return code == 0
 
-        return self._with_timeout(done, kill).addErrback(cancelled).addCallback(verdict)
+        return self._with_timeout(done, kill, " (killed)").addCallback(verdict)
 
 
 def _failed(e: BaseException) -> Deferred[bool]:
@@ -181,14 +180,7 @@ class PythonHandler(_Base):
     def _call(self, event: dict[str, Any]) -> Deferred[bool]:
         d = maybeDeferred(self.function, dict(event))
 
-        def cancelled(failure: Failure) -> Any:
-            from twisted.internet.defer import CancelledError
-
-            if failure.check(CancelledError):
-                raise TimeoutError(f"no answer within {self.handler.timeout:g}s")
-            return failure
-
-        return self._with_timeout(d, lambda: None).addErrback(cancelled).addCallback(lambda result: result is not False)
+        return self._with_timeout(d, lambda: None).addCallback(lambda result: result is not False)
 
 
 def build_handlers(handlers: tuple[Handler, ...], reactor: Any) -> list[IEventSink]:

@@ -87,13 +87,6 @@ def _address(address: Any) -> tuple[str, int]:
     return (host, port or 0)
 
 
-def _split_address(text: str | None) -> tuple[str, int] | None:
-    if not text:
-        return None
-    host, _, port = text.rpartition(":")
-    return (host.strip("[]"), int(port))
-
-
 class RelayFactory(Factory):
     """
     Builds a L{RelayProtocol} for every client accepted on one of a mapping's listeners.
@@ -211,6 +204,7 @@ class RelayProtocol(Protocol):
         self._dest_handshake_failure: str | None = None
         self._awaiting_handshake = False
         self._limited: str | None = None
+        self._original: tuple[str, int] | None = None  # the intercepted connection's destination
         self._connect_started = 0.0
 
     # -- accept and decide -------------------------------------------------------------------
@@ -301,8 +295,8 @@ class RelayProtocol(Protocol):
         if self.factory is not None and self.factory.intercepting:
             # On an intercept port: where the client was really going (before our NAT), or
             # this gateway when it addressed the port here directly.
-            original = original_destination(self.transport) or (local_ip, local_port)
-            original_dst = format_host_port(*original)
+            self._original = original_destination(self.transport) or (local_ip, local_port)
+            original_dst = format_host_port(*self._original)
         self.session = Session(
             id=runtime.sessions.new_id(),
             mapping=runtime.mapping.name,
@@ -414,7 +408,7 @@ class RelayProtocol(Protocol):
             preamble = build_header(
                 destination.proxy_protocol,
                 (session.client_ip, session.client_port),
-                _split_address(session.original_dst) or (session.local_ip, session.local_port),
+                self._original or (session.local_ip, session.local_port),
             )
         try:
             endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout, preamble)
@@ -639,13 +633,7 @@ class RelayProtocol(Protocol):
         if reason.check(SSLError) and self._reason is None and not self._dest_eof:
             # TLS 1.3: a server that refuses our client certificate says so after the handshake.
             self._reason = "tls-failed"
-            _log.warn(
-                "mapping {mapping}: session {session}: TLS with {destination} failed: {why}",
-                mapping=self.runtime.mapping.name,
-                session=self.session.id,
-                destination=self.session.destination,
-                why=describe_tls_failure(self.peer.transport if self.peer else None, reason),
-            )
+            self._log_tls_failure(self.session.destination, describe_tls_failure(self.peer.transport if self.peer else None, reason))
         self._dest_lost = True
         self._first_close = self._first_close or "destination-closed"
         if not self._client_lost:
@@ -670,18 +658,20 @@ class RelayProtocol(Protocol):
             self._maybe_finish()
             return
         assert self._decision is not None
-        destination = self._decision.destinations[self._dest_index]
-        _log.warn(
-            "mapping {mapping}: session {session}: TLS with {destination} failed: {why}",
-            mapping=self.runtime.mapping.name,
-            session=self.session.id,
-            destination=str(destination),
-            why=why,
-        )
+        self._log_tls_failure(str(self._decision.destinations[self._dest_index]), why)
         if self._dest_index + 1 < len(self._decision.destinations):
             self._connect(self._dest_index + 1)
         else:
             self._refuse("tls-failed")
+
+    def _log_tls_failure(self, destination: str | None, why: str) -> None:
+        _log.warn(
+            "mapping {mapping}: session {session}: TLS with {destination} failed: {why}",
+            mapping=self.runtime.mapping.name,
+            session=self.session.id,
+            destination=destination,
+            why=why,
+        )
 
     def terminate(self, reason: str) -> None:
         """

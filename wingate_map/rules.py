@@ -123,6 +123,19 @@ class MappingRuleService:
         self._unindexed_from = tuple(unindexed)
         self._by_identity: dict[tuple[str, tuple[str, ...]], tuple[_CompiledRule, ...]] = {}
 
+    def _mac_lookup(self, client_ip: str) -> Callable[[], str | None]:
+        """
+        The client's MAC address, looked up at most once and only if a mac: location needs it.
+        """
+        found: list[str | None] = []
+
+        def mac() -> str | None:
+            if not found:
+                found.append(self._mac_for(client_ip))
+            return found[0]
+
+        return mac
+
     def _static_candidates(self, identity: Identity) -> tuple[_CompiledRule, ...]:
         """
         The rules without a from condition whose user and group conditions hold for
@@ -154,12 +167,7 @@ class MappingRuleService:
         if not self._rules:
             return self._fallback(identity)
         ip = client_address(client.client_ip)
-        mac_cache: list[str | None] = []
-
-        def mac() -> str | None:
-            if not mac_cache:
-                mac_cache.append(self._mac_for(client.client_ip))
-            return mac_cache[0]
+        mac = self._mac_lookup(client.client_ip)
 
         best: _CompiledRule | None = None
         # The first rule without from that holds...
@@ -200,12 +208,7 @@ class MappingRuleService:
         lines = [f"client {client.client_ip} is {identity.user} ({identity.level}): {why}"]
         lines.append(f"groups: {', '.join(identity.groups)}")
         ip = client_address(client.client_ip)
-        mac_value: list[str | None] = []
-
-        def mac() -> str | None:
-            if not mac_value:
-                mac_value.append(self._mac_for(client.client_ip))
-            return mac_value[0]
+        mac = self._mac_lookup(client.client_ip)
 
         decision: Decision | None = None
         for compiled in self._rules:

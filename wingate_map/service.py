@@ -9,7 +9,6 @@ then ends the rest with reason C{shutdown}.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Any, Callable, Iterable
 
