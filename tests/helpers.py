@@ -271,3 +271,21 @@ def buffered(transport: Any) -> int:
     Bytes waiting in a Twisted TCP transport's write buffer.
     """
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@defer.inlineCallbacks
+def half_close_exchange(connect: Callable[[Peer], Any], servers: PeerFactory):
+    """
+    A client sends a request and half-closes; the server sees EOF, answers after it and
+    half-closes too.  Checks the answer reached the client; returns the client.
+    """
+    client = Peer(payload=b"request")
+    yield connect(client)
+    server = yield servers.next_peer(0)
+    yield server.eof
+    assert server.received == 7
+    server.transport.write(b"answer after EOF")
+    server.transport.loseWriteConnection()
+    yield client.lost
+    assert client.first_bytes == b"answer after EOF"
+    return client

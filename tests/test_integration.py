@@ -23,6 +23,7 @@ from .helpers import (
     PeerFactory,
     buffered,
     free_port,
+    half_close_exchange,
     mapping_config,
     open_fds,
     relay_of,
@@ -97,16 +98,8 @@ def test_half_close_from_client():
     port = free_port()
     service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
     try:
-        client = Peer(payload=b"request")
-        yield connect(port, client)
-        server = yield servers.next_peer(0)
-        yield server.eof
-        assert server.received == 7
-        server.transport.write(b"answer after EOF")
-        server.transport.loseWriteConnection()
-        yield client.eof
-        yield client.lost
-        assert client.first_bytes == b"answer after EOF"
+        client = yield half_close_exchange(lambda peer: connect(port, peer), servers)
+        assert client.eof.called
         [event] = yield sink.disconnects(1)
         assert event["reason"] == "client-closed"
     finally:

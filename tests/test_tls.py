@@ -32,7 +32,7 @@ from wingate_map.tls import (
     subject_common_name,
 )
 
-from .helpers import Peer, PeerFactory, free_port, start_service, wait_for
+from .helpers import Peer, PeerFactory, free_port, half_close_exchange, start_service, wait_for
 from .pki import PKI
 from .test_integration import connect, listen, reactor
 
@@ -286,6 +286,17 @@ def test_key_in_cert_file_and_chain(pki, tmp_path):
 # -- real sockets -----------------------------------------------------------------------------
 
 
+def tls_destination_config(port, server_port, **options):
+    """
+    One mapping on 127.0.0.1:C{port} with a TLS destination at C{server_port}.
+    """
+    settings = ", ".join(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false") for k, v in options.items())
+    return (
+        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\n'
+        f'default = {{ host = "127.0.0.1", port = {server_port}, tls = true, {settings} }}\n'
+    )
+
+
 @defer.inlineCallbacks
 def tls_server(cert, key, **peer):
     """
@@ -311,10 +322,7 @@ def test_tls_destination_carries_data(pki):
     down = os.urandom(MB)
     server_port, servers = yield tls_server(cert, key, payload=down, half_close=False)
     port = free_port()
-    service, sink = start_service(
-        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\n'
-        f'default = {{ host = "127.0.0.1", port = {server_port.getHost().port}, tls = true, ca = "{pki.ca}", server_name = "localhost" }}\n'
-    )
+    service, sink = start_service(tls_destination_config(port, server_port.getHost().port, ca=pki.ca, server_name="localhost"))
     try:
         up = os.urandom(MB)
         client = Peer(payload=up, half_close=False, close_on_eof=False)
@@ -355,10 +363,7 @@ def test_tls_destination_failures(pki, kind, message, caplog_twisted):
         cert, key = pki.unknown_ca()
     server_port, servers = yield tls_server(cert, key, payload=b"", half_close=False)
     port = free_port()
-    service, sink = start_service(
-        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\n'
-        f'default = {{ host = "127.0.0.1", port = {server_port.getHost().port}, tls = true, ca = "{pki.ca}", server_name = "localhost" }}\n'
-    )
+    service, sink = start_service(tls_destination_config(port, server_port.getHost().port, ca=pki.ca, server_name="localhost"))
     try:
         client = Peer(payload=b"secret data that must not leak", half_close=False)
         yield connect(port, client)
@@ -380,10 +385,7 @@ def test_verify_false_reaches_unverifiable_destination(pki):
     cert, key = pki.unknown_ca()
     server_port, servers = yield tls_server(cert, key, payload=b"hello", half_close=False)
     port = free_port()
-    service, sink = start_service(
-        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\n'
-        f'default = {{ host = "127.0.0.1", port = {server_port.getHost().port}, tls = true, verify = false }}\n'
-    )
+    service, sink = start_service(tls_destination_config(port, server_port.getHost().port, verify=False))
     try:
         client = Peer(payload=b"", half_close=False, close_on_eof=False)
         yield connect(port, client)
@@ -464,15 +466,7 @@ def test_half_close_over_tls_chain(pki, tmp_path):
     b, b_sink = start_service(b_text)
     a, a_sink = start_service(a_text)
     try:
-        client = Peer(payload=b"request")
-        yield connect(a_port, client)
-        server = yield servers.next_peer(0)
-        yield server.eof
-        assert server.received == 7
-        server.transport.write(b"answer after EOF")
-        server.transport.loseWriteConnection()
-        yield client.lost
-        assert client.first_bytes == b"answer after EOF"
+        yield half_close_exchange(lambda peer: connect(a_port, peer), servers)
         [event] = yield b_sink.disconnects(1)
         assert event["reason"] == "client-closed"
     finally:

@@ -125,13 +125,16 @@ class CredentialStore:
         """
         See L{IIdentitySource.identify}.
         """
+        if not self._entries and self._shared_path is None:
+            return None  # nobody logged in: the common case costs nothing per connection
         self._sync()
-        entry = self._entries.get(self.key(client.client_ip)) if client_address(client.client_ip) else None
+        address = client_address(client.client_ip)
+        entry = self._entries.get(str(address)) if address is not None else None
         if entry is None:
             return None
         name, expires = entry
         if expires <= self.clock.seconds():
-            self._entries.pop(self.key(client.client_ip), None)
+            self._entries.pop(str(address), None)
             return None
         user = self._users.get(name)
         return identity_of(user, self.level) if user is not None else None
