@@ -462,6 +462,19 @@ def _read_min_tls(reader: _Reader, table: dict[str, Any], path: str) -> str:
     return value
 
 
+def _read_ca(reader: _Reader, table: dict[str, Any], key: str, path: str) -> str | None:
+    """
+    A PEM file of CA certificates: its path, checked to hold at least one certificate.
+    """
+    ca = reader.path_value(table, key, path, "a PEM file path")
+    if ca is not None:
+        try:
+            load_certificates(ca)
+        except ValueError as e:
+            reader.error(path, str(e))
+    return ca
+
+
 def _check_pair(reader: _Reader, cert: str, key: str, path: str) -> bool:
     ok = True
     for problem in check_pair(cert, key):
@@ -484,12 +497,7 @@ def _read_client_tls(reader: _Reader, value: dict[str, Any], path: str) -> Clien
     if server_name is not None and (not isinstance(server_name, str) or not _valid_host(server_name)):
         reader.error(f"{path}.server_name", f"{_describe(server_name)} is not a host name")
         server_name = None
-    ca = reader.path_value(value, "ca", f"{path}.ca", "a PEM file path")
-    if ca is not None:
-        try:
-            load_certificates(ca)
-        except ValueError as e:
-            reader.error(f"{path}.ca", str(e))
+    ca = _read_ca(reader, value, "ca", f"{path}.ca")
     verify = reader.boolean(value, "verify", f"{path}.verify", True)
     if not verify:
         reader.warn(f"{path}.verify", "false: the destination's certificate and name are NOT checked; anyone in the path can read and change this traffic")
@@ -520,12 +528,7 @@ def _read_server_tls(reader: _Reader, value: Any, path: str) -> ServerTls | None
             reader.error(f"{path}.cert", "is required (a PEM certificate, optionally followed by its chain)")
         return None
     key = reader.path_value(value, "key", f"{path}.key", "a PEM file path") or cert
-    client_ca = reader.path_value(value, "client_ca", f"{path}.client_ca", "a PEM file path")
-    if client_ca is not None:
-        try:
-            load_certificates(client_ca)
-        except ValueError as e:
-            reader.error(f"{path}.client_ca", str(e))
+    client_ca = _read_ca(reader, value, "client_ca", f"{path}.client_ca")
     min_tls = _read_min_tls(reader, value, f"{path}.min_tls")
     if not _check_pair(reader, cert, key, f"{path}.cert"):
         return None
