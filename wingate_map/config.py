@@ -34,8 +34,10 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 # The keys allowed in each table; anything else is an error (with a "did you mean").
 _TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
-_ADMIN_KEYS = ("listen", "token")
+_ADMIN_KEYS = ("listen", "token", "token_file")
 _EVENT_NAMES = ("ClientConnect", "ClientDisconnect")
+_EVENTS_KEYS = _EVENT_NAMES + ("max_running",)
+DEFAULT_MAX_RUNNING = 64
 _HANDLER_KEYS = ("run", "python", "timeout", "on_failure")
 _USER_KEYS = ("locations", "groups", "certificates")
 _RULE_KEYS = ("user", "group", "from", "not_from", "to", "action")
@@ -192,11 +194,13 @@ class Rule:
 @frozen
 class AdminSettings:
     """
-    The C{[admin]} table: where the admin API listens, and its bearer token.
+    The C{[admin]} table: where the admin API listens, and its bearer token (given as C{token},
+    or read from the first line of C{token_file} when the configuration is loaded).
     """
 
     listen: str
     token: str | None = None
+    token_file: str | None = None
 
 
 @frozen
@@ -249,6 +253,7 @@ class Config:
     warnings: tuple[ConfigProblem, ...] = ()
     admin: AdminSettings | None = None
     handlers: tuple[Handler, ...] = ()
+    max_running: int = DEFAULT_MAX_RUNNING
 
     def interface_classes(self) -> dict[str, str]:
         """
@@ -804,13 +809,40 @@ def _loopback_only(description: str) -> bool:
     """
     if description.startswith("unix:"):
         return True
-    match = re.search(r"(?:^|:)interface=((?:\\:|[^:])*)", description)
-    if not match:
+    # Twisted takes the last of repeated keywords: every one must be loopback, so that
+    # "interface=127.0.0.1:interface=0.0.0.0" does not pass.  (The admin API checks the
+    # address it actually bound too.)
+    found = re.findall(r"(?:^|:)interface=((?:\\:|[^:])*)", description)
+    if not found:
         return False
     try:
-        return ipaddress.ip_address(match.group(1).replace("\\:", ":")).is_loopback
+        return all(ipaddress.ip_address(value.replace("\\:", ":")).is_loopback for value in found)
     except ValueError:
         return False
+
+
+def _read_token_file(reader: _Reader, table: dict[str, Any]) -> tuple[str | None, str | None]:
+    """
+    C{admin.token_file}: (resolved path, its first line stripped), or (path, None) on error.
+    """
+    path = reader.path_value(table, "token_file", "admin.token_file")
+    if path is None:
+        return None, None
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+    except OSError as e:
+        reader.error("admin.token_file", f"cannot read {path}: {e.strerror or e}")
+        return path, None
+    try:
+        token = first.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        reader.error("admin.token_file", f"{path}: the first line is not UTF-8 text")
+        return path, None
+    if not token:
+        reader.error("admin.token_file", f"{path}: the first line is empty; write the token there")
+        return path, None
+    return path, token
 
 
 def _read_admin(reader: _Reader, data: dict[str, Any]) -> AdminSettings | None:
@@ -830,19 +862,43 @@ def _read_admin(reader: _Reader, data: dict[str, Any]) -> AdminSettings | None:
         reader.error("admin.listen", f"{_describe(listen)} is not a valid server endpoint string: {e}")
         return None
     token = table.get("token")
+    if token is not None and "token_file" in table:
+        reader.error("admin.token_file", "give either admin.token or admin.token_file, not both")
+        return None
     if token is not None and (not isinstance(token, str) or len(token) < 8):
         reader.error("admin.token", "must be a string of at least 8 characters")
         return None
+    token_file, from_file = _read_token_file(reader, table)
+    if token_file is not None:
+        if from_file is None:
+            return None
+        if len(from_file) < 8:
+            reader.error("admin.token_file", f"{token_file}: the token must be at least 8 characters")
+            return None
+        token = from_file
+        _warn_if_readable(reader, token_file, "admin.token_file", "the file holding the admin token")
     if token is None and not _loopback_only(listen):
         reader.error("admin.token", f"is required when admin.listen ({listen}) is not loopback-only; anyone who can reach it could kill sessions and log users in")
-    return AdminSettings(listen=listen, token=token)
+    return AdminSettings(listen=listen, token=token, token_file=token_file)
+
+
+def _warn_if_readable(reader: _Reader, path: str, key: str, what: str) -> None:
+    """
+    Warn when C{path} (a secret) can be read by users other than its owner and group.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o004:
+        reader.warn(key, f"{path}: {what} is readable by every user (mode {mode & 0o777:04o}); chmod o-r {path}")
 
 
 def _read_handlers(reader: _Reader, data: dict[str, Any]) -> tuple[Handler, ...]:
     if "events" not in data:
         return ()
     table = reader.table(data, "events", "events")
-    reader.check_keys(table, "events", _EVENT_NAMES)
+    reader.check_keys(table, "events", _EVENTS_KEYS)
     handlers = []
     for event in _EVENT_NAMES:
         entries = table.get(event, [])
@@ -924,12 +980,14 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
 
     admin = _read_admin(reader, data)
     handlers = _read_handlers(reader, data)
+    max_running = reader.integer(reader.table(data, "events", "events"), "max_running", "events.max_running", DEFAULT_MAX_RUNNING, 1, 4096, "number of handler programs running at once")
 
     if reader.problems:
         raise ConfigError(reader.problems)
     return Config(
         admin=admin,
         handlers=handlers,
+        max_running=max_running,
         service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),
@@ -968,7 +1026,13 @@ def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError([ConfigProblem("", f"{path}: not UTF-8 text: {e}")]) from None
-    return parse_config(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    config = parse_config(text, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    if config.admin is not None and config.admin.token is not None and config.admin.token_file is None:
+        reader = _Reader(os.path.dirname(os.path.abspath(path)))
+        _warn_if_readable(reader, path, "admin.token", "the configuration file holding the admin token")
+        if reader.warnings:
+            config = evolve(config, warnings=config.warnings + tuple(reader.warnings))
+    return config
 
 
 def _split_host_port(text: str) -> tuple[str, str] | None:
