@@ -175,3 +175,87 @@ def test_bad_map_option(text):
     with pytest.raises(ConfigError) as info:
         parse_map_option(text)
     assert str(info.value).startswith(f"--map {text}: ")
+
+
+ADMIN = '[admin]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+
+
+def test_token_file_first_line(tmp_path):
+    """
+    admin.token_file gives the token on its first line, surrounding whitespace stripped.
+    """
+    secret = tmp_path / "token"
+    secret.write_text("  s3cret-token-value \nignored second line\n")
+    secret.chmod(0o600)
+    config = parse_config(ADMIN + f'token_file = "{secret}"\n')
+    assert config.admin.token == "s3cret-token-value"
+    assert config.admin.token_file == str(secret)
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "admin.token_file: cannot read"),
+        ("\n", "admin.token_file: " + "{path}: the first line is empty"),
+        ("short\n", "admin.token_file: {path}: the token must be at least 8 characters"),
+        (b"\xff\xfe\n", "admin.token_file: {path}: the first line is not UTF-8 text"),
+    ],
+)
+def test_bad_token_file(tmp_path, content, expected):
+    """
+    A missing, empty, too short or undecodable token file is an error naming admin.token_file.
+    """
+    secret = tmp_path / "token"
+    if isinstance(content, bytes):
+        secret.write_bytes(content)
+    elif content is not None:
+        secret.write_text(content)
+    [problem] = problems(ADMIN + f'token_file = "{secret}"\n')
+    assert problem.startswith(expected.format(path=secret))
+
+
+def test_token_and_token_file_both(tmp_path):
+    """
+    Giving both token and token_file is an error: which one wins would be a guess.
+    """
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token-value\n")
+    [problem] = problems(ADMIN + f'token = "another-token"\ntoken_file = "{secret}"\n')
+    assert problem == "admin.token_file: give either admin.token or admin.token_file, not both"
+
+
+def test_world_readable_token_warned(tmp_path):
+    """
+    A token in a file every user can read is allowed but warned about, naming the file and the fix.
+    """
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token-value\n")
+    secret.chmod(0o644)
+    [warning] = parse_config(ADMIN + f'token_file = "{secret}"\n').warnings
+    assert str(warning).startswith("admin.token_file: ") and "readable by every user (mode 0644)" in str(warning)
+    config_file = tmp_path / "wingatemap.toml"
+    config_file.write_text(ADMIN + 'token = "s3cret-token-value"\n')
+    config_file.chmod(0o644)
+    [warning] = load_config(str(config_file)).warnings
+    assert str(warning).startswith("admin.token: ") and f"chmod o-r {config_file}" in str(warning)
+    config_file.chmod(0o640)
+    assert load_config(str(config_file)).warnings == ()
+
+
+def test_repeated_interface_not_loopback():
+    """
+    tcp:PORT:interface=127.0.0.1:interface=0.0.0.0 binds 0.0.0.0 (the last one wins): it needs a token.
+    """
+    [problem] = problems('[admin]\nlisten = "tcp:8785:interface=127.0.0.1:interface=0.0.0.0"\n')
+    assert problem.startswith("admin.token: is required when admin.listen")
+
+
+def test_max_running():
+    """
+    events.max_running defaults to 64 and must be a positive integer.
+    """
+    assert parse_config("").max_running == 64
+    assert parse_config("[events]\nmax_running = 2\n").max_running == 2
+    [problem] = problems("[events]\nmax_running = 0\n")
+    assert problem.startswith("events.max_running: 0 is not a valid")
