@@ -1,19 +1,24 @@
 """
 Network adapters, their usage classes, and the listeners a configuration asks for.
 
-An adapter listed in C{[interfaces]} has the usage class given there.  Otherwise an adapter that
-is loopback or has any private, link-local or unique-local address is C{internal}, and any other
-adapter (public addresses only, or no address at all) is C{external}.  C{dmz} is only ever set by
-hand.  A C{bind} list names usage classes, C{all}, adapter names or IP addresses; it resolves to
-the concrete addresses to listen on.  IPv6 link-local addresses (fe80::/10) need a scope to bind
-to, so class and adapter bindings leave them out; name one explicitly to use it.
+An adapter listed in C{[interfaces]} has the usage class given there.  Otherwise it is classified
+by its addresses (SPEC §2), IPv6 link-local addresses (fe80::/10) ignored since the kernel gives
+nearly every adapter one: an adapter whose every remaining address is loopback, private (RFC 1918),
+IPv4 link-local (169.254/16) or unique-local (fc00::/7) is C{internal}; an adapter with any other
+address (public, shared 100.64/10, documentation or benchmarking ranges), or with no address left,
+is C{external}.  The ranges are spelled out here rather than taken from L{ipaddress}'
+C{is_private}, which also counts documentation and benchmarking ranges.  C{dmz} is only ever set
+by hand.  A C{bind} list names usage classes, C{all}, adapter names or IP addresses; it resolves
+to the concrete addresses to listen on.  IPv6 link-local addresses need a scope to bind to, so
+class and adapter bindings leave them out; name one explicitly to use it.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
-from typing import Iterable
+from typing import Any, Iterable
 
 from attrs import field, frozen
 
@@ -51,43 +56,74 @@ class Listener:
         return format_host_port(self.address, self.port)
 
 
-def list_adapters() -> tuple[Adapter, ...]:
+def list_adapters(system: Any = None) -> tuple[Adapter, ...]:
     """
     The adapters of this machine and their addresses, from psutil.
-    """
-    import psutil
 
+    @param system: what to ask instead of the C{psutil} module (for tests): an object with
+        C{net_if_addrs()} and C{AF_LINK}.
+    @raise BindingError: the adapters cannot be listed now (for instance out of file
+        descriptors); the adapter watcher logs it and asks again at its next poll.
+    """
+    if system is None:
+        import psutil
+
+        system = psutil
+    try:
+        listing = system.net_if_addrs()
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "OSError"
+        raise BindingError(f"cannot list the network adapters: {e.strerror or e} ({code})") from e
     adapters = []
-    for name, entries in sorted(psutil.net_if_addrs().items()):
+    for name, entries in sorted(listing.items()):
         addresses = []
         mac = None
         for entry in entries:
             if entry.family in (socket.AF_INET, socket.AF_INET6):
                 addresses.append(entry.address.split("%", 1)[0])
-            elif entry.family == getattr(psutil, "AF_LINK", None):
+            elif entry.family == getattr(system, "AF_LINK", None):
                 mac = entry.address
         adapters.append(Adapter(name=name, addresses=tuple(addresses), mac=mac))
     return tuple(adapters)
 
 
-def _is_internal_address(text: str) -> bool:
-    address = ipaddress.ip_address(text)
-    return address.is_loopback or address.is_private or address.is_link_local
+_IPV6_LINK_LOCAL = ipaddress.ip_network("fe80::/10")
+
+# Every range whose addresses make an adapter internal (SPEC §2).  Anything else -- public, shared
+# 100.64/10, documentation, benchmarking, multicast, reserved -- is external.
+_INTERNAL_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",  # loopback
+        "::1/128",
+        "10.0.0.0/8",  # RFC 1918
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",  # IPv4 link-local
+        "fc00::/7",  # unique local
+    )
+)
+
+
+def _is_internal_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(address in network for network in _INTERNAL_NETWORKS)
+
+
+def _is_ipv6_link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address in _IPV6_LINK_LOCAL
 
 
 def classify(adapter: Adapter, overrides: dict[str, str] | None = None) -> str:
     """
-    The usage class of C{adapter}: C{internal}, C{external} or C{dmz}.
+    The usage class of C{adapter}: C{internal}, C{external} or C{dmz} (see the module docstring).
     """
     if overrides and adapter.name in overrides:
         return overrides[adapter.name]
-    if any(_is_internal_address(a) for a in adapter.addresses):
+    addresses = [ipaddress.ip_address(a) for a in adapter.addresses]
+    counted = [a for a in addresses if not _is_ipv6_link_local(a)]
+    if counted and all(_is_internal_address(a) for a in counted):
         return "internal"
     return "external"
-
-
-def _bindable(address: str) -> bool:
-    return not ipaddress.ip_address(address).is_link_local or ipaddress.ip_address(address).version == 4
 
 
 def resolve_bind(
@@ -107,7 +143,8 @@ def resolve_bind(
         for adapter in adapters:
             if item == "all" or item == adapter.name or item == classify(adapter, overrides):
                 for address in adapter.addresses:
-                    if _bindable(address):
+                    # An IPv6 link-local address needs a scope to bind; name it explicitly.
+                    if not _is_ipv6_link_local(ipaddress.ip_address(address)):
                         out[address] = None
     return list(out)
 
