@@ -77,6 +77,35 @@ _DESTINATION_KEYS = (
 _DESTINATION_TLS_KEYS = ("server_name", "ca", "verify", "client_cert", "client_key", "min_tls")
 _SERVER_TLS_KEYS = ("cert", "key", "client_ca", "min_tls")
 
+# Every table the parser reads, by its path pattern, and the keys it accepts there (NAME stands for
+# a name the operator chooses, EVENT for ClientConnect / ClientDisconnect, [] for an array of
+# tables; "destination" is any destination table: a mapping's default or a rule's to).
+KEY_TABLES: dict[str, tuple[str, ...]] = {
+    "": _TOP_KEYS,
+    "service": _SERVICE_KEYS,
+    "admin": _ADMIN_KEYS,
+    "events": _EVENTS_KEYS,
+    "events.EVENT[]": _HANDLER_KEYS,
+    "users.NAME": _USER_KEYS,
+    "mappings.NAME": _MAPPING_KEYS,
+    "mappings.NAME.tls": _SERVER_TLS_KEYS,
+    "mappings.NAME.rules[]": _RULE_KEYS,
+    "destination": _DESTINATION_KEYS,
+}
+
+
+def key_paths() -> list[str]:
+    """
+    Every configuration key the parser accepts, as documented paths (C{mappings.NAME.port}).
+    """
+    # Tables are documented by their own keys; [interfaces] takes any adapter name.
+    tables = {"events.ClientConnect", "events.ClientDisconnect", "mappings.NAME.rules", "mappings.NAME.tls"}
+    paths = ["interfaces.ADAPTER"]
+    for table, keys in KEY_TABLES.items():
+        if table:
+            paths.extend(f"{table}.{key}" for key in keys if f"{table}.{key}" not in tables)
+    return sorted(paths)
+
 
 def format_host_port(host: str, port: int) -> str:
     """
