@@ -75,7 +75,7 @@ def test_full_mapping():
         ("[mappings.rdp]\nport = 1\ndefault = { host = \"bad host\", port = 1 }\n", 'mappings.rdp.default.host: "bad host" is not a host name or IP address'),
         ("[mappings.rdp]\nport = 1\ndefault = [{ host = \"a\", port = 0 }]\n", "mappings.rdp.default[0].port: 0 is not a valid port"),
         ("[mappings.rdp]\nport = 1\ndefault = []\n", "mappings.rdp.default: an empty list is not allowed"),
-        ("[mappings.rdp]\nport = 1\ndefault = \"10.0.0.1:80\"\n", "mappings.rdp.default: must be a table"),
+        ("[mappings.rdp]\nport = 1\ndefault = 80\n", "mappings.rdp.default: must be \"host:port\" or a table"),
         ("[mappings.rdp]\nport = 1\ndefault = { endpoint = \"nonsense:x\" }\n", 'mappings.rdp.default.endpoint: "nonsense:x" is not a valid client endpoint'),
         ("[mappings.rdp]\nport = 1\ndefault = { endpoint = \"tcp:a:80\", host = \"a\" }\n", "mappings.rdp.default: give either endpoint or host and port, not both"),
         ("[mappings.rdp]\nprot = 1\n", 'mappings.rdp.prot: unknown key (did you mean "port"?)'),
@@ -143,11 +143,11 @@ def test_relative_audit_log_is_next_to_the_file(tmp_path):
 
 def test_unreadable_file(tmp_path):
     """
-    A missing file is one clear error naming it.
+    A file that cannot be read is one clear error naming it.
     """
     with pytest.raises(ConfigError) as info:
-        load_config(str(tmp_path / "missing.toml"))
-    assert "missing.toml: cannot read configuration" in str(info.value)
+        load_config(str(tmp_path))
+    assert f"{tmp_path}: cannot read configuration: Is a directory" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -259,3 +259,60 @@ def test_max_running():
     assert parse_config("[events]\nmax_running = 2\n").max_running == 2
     [problem] = problems("[events]\nmax_running = 0\n")
     assert problem.startswith("events.max_running: 0 is not a valid")
+
+
+def test_host_port_string_destinations():
+    """
+    A destination may be written "host:port" or "[v6]:port", in default and in a rule's to.
+    """
+    config = parse_config(
+        '[mappings.rdp]\nport = 3389\ndefault = ["10.0.0.10:3389", "[fd00::10]:3389"]\n'
+        '[[mappings.rdp.rules]]\nfrom = ["10.0.1.0/24"]\nto = "rdp.corp.example:3390"\n'
+    )
+    [m] = config.mappings
+    assert m.default == (Destination(host="10.0.0.10", port=3389), Destination(host="fd00::10", port=3389))
+    assert str(m.default[1]) == "[fd00::10]:3389"
+    assert m.rules[0].to == (Destination(host="rdp.corp.example", port=3390),)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ('"10.0.0.10"', 'mappings.a.default: "10.0.0.10" is not a destination; expected "host:port"'),
+        ('"fd00::1:80"', 'mappings.a.default: "fd00::1:80" is not a destination'),
+        ('"10.0.0.10:0"', 'mappings.a.default: "10.0.0.10:0": the port must be an integer 1-65535'),
+        ('"bad host:80"', "mappings.a.default: \"bad host:80\": 'bad host' is not a host name or IP address"),
+    ],
+)
+def test_bad_host_port_string(value, expected):
+    """
+    A destination string that is not host:port says what to write instead.
+    """
+    [problem] = problems(f"[mappings.a]\nport = 1\ndefault = {value}\n")
+    assert problem.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "listen, hint",
+    [
+        ("127.0.0.1:9090", "tcp:9090:interface=127.0.0.1"),
+        ("9090", "tcp:9090:interface=127.0.0.1"),
+        ("[::1]:9090", "tcp6:9090:interface=\\\\:\\\\:1"),
+    ],
+)
+def test_admin_listen_hint(listen, hint):
+    """
+    admin.listen written as address:port names the endpoint string to write instead.
+    """
+    [problem] = problems(f'[admin]\nlisten = "{listen}"\n')
+    assert problem == f'admin.listen: "{listen}" is not a Twisted server endpoint string; write "{hint}"'
+
+
+def test_missing_file_points_at_examples(tmp_path):
+    """
+    A missing configuration file says how to get one.
+    """
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "wingatemap.toml"))
+    [problem] = info.value.problems
+    assert "no such configuration file" in str(problem) and "docs/examples/" in str(problem) and "--map" in str(problem)

@@ -449,8 +449,10 @@ def _valid_host(host: str) -> bool:
 
 
 def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | None:
+    if isinstance(value, str):
+        return _read_destination_string(reader, value, path)
     if not isinstance(value, dict):
-        reader.error(path, f"must be a table like {{ host = \"10.0.0.10\", port = 3389 }}, not {_describe(value)}")
+        reader.error(path, f"must be \"host:port\" or a table like {{ host = \"10.0.0.10\", port = 3389 }}, not {_describe(value)}")
         return None
     reader.check_keys(value, path, _DESTINATION_KEYS)
     proxy = value.get("proxy_protocol", False)
@@ -486,6 +488,25 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
     if not port:
         return None
     return Destination(host=host, port=port, proxy_protocol=proxy_protocol, tls=tls)
+
+
+def _read_destination_string(reader: _Reader, text: str, path: str) -> Destination | None:
+    """
+    A destination written C{"host:port"} or C{"[v6]:port"}.
+    """
+    usage = 'expected "host:port" or "[IPv6]:port", e.g. "10.0.0.21:3389" or "[fd00::21]:3389"'
+    split = _split_host_port(text)
+    if split is None:
+        reader.error(path, f"{_describe(text)} is not a destination; {usage}")
+        return None
+    host, port = split
+    if not _valid_host(host):
+        reader.error(path, f"{_describe(text)}: {host!r} is not a host name or IP address; {usage}")
+        return None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        reader.error(path, f"{_describe(text)}: the port must be an integer 1-65535; {usage}")
+        return None
+    return Destination(host=host, port=int(port))
 
 
 def _read_min_tls(reader: _Reader, table: dict[str, Any], path: str) -> str:
@@ -850,6 +871,27 @@ def _loopback_only(description: str) -> bool:
         return False
 
 
+def _endpoint_hint(listen: str) -> str | None:
+    """
+    The endpoint string meant by C{"127.0.0.1:9090"}, C{"[::1]:9090"}, C{":9090"} or C{"9090"}.
+    """
+    if listen.isdigit():
+        return f"tcp:{listen}:interface=127.0.0.1"
+    split = _split_host_port(listen)
+    if split is None or not split[1].isdigit():
+        return None
+    host, port = split
+    if not host:
+        return f"tcp:{port}:interface=127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if address.version == 6:
+        return f"tcp6:{port}:interface={str(address).replace(':', chr(92) + ':')}"
+    return f"tcp:{port}:interface={address}"
+
+
 def _read_token_file(reader: _Reader, table: dict[str, Any]) -> tuple[str | None, str | None]:
     """
     C{admin.token_file}: (resolved path, its first line stripped), or (path, None) on error.
@@ -885,6 +927,10 @@ def _read_admin(reader: _Reader, data: dict[str, Any]) -> AdminSettings | None:
         return None
     from twisted.internet.endpoints import serverFromString
 
+    hint = _endpoint_hint(listen)
+    if hint is not None:
+        reader.error("admin.listen", f"{_describe(listen)} is not a Twisted server endpoint string; write {_describe(hint)}")
+        return None
     try:
         serverFromString(_NoReactor(), listen)
     except Exception as e:
@@ -1049,6 +1095,16 @@ def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
     try:
         with open(path, "rb") as f:
             raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "",
+                    f"{path}: no such configuration file; give --config FILE, or start from the examples in "
+                    f"docs/examples/ (wingatemap.toml), or try a quick mapping with --map 8080=HOST:PORT",
+                )
+            ]
+        ) from None
     except OSError as e:
         raise ConfigError([ConfigProblem("", f"{path}: cannot read configuration: {e.strerror or e}")]) from None
     try:
