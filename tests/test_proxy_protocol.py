@@ -95,6 +95,164 @@ def test_bad_headers(data, message):
     assert message in str(info.value)
 
 
+V2_INET = V2_SIGNATURE + b"\x21\x11"
+INET_BLOCK = bytes([10, 1, 2, 3, 10, 0, 0, 1]) + struct.pack("!HH", 5555, 80)
+
+
+def v2(family: bytes, body: bytes, command: int = 0x21) -> bytes:
+    """
+    A v2 header with C{command}, C{family} and C{body}, its length field telling the truth.
+    """
+    return V2_SIGNATURE + bytes([command]) + family + struct.pack("!H", len(body)) + body
+
+
+V1_MALFORMED = [
+    # Scope ids, stray characters, NUL: any text used to become the client's address.
+    b"PROXY TCP6 fe80::1%eth0 fe80::2 1 2\r\n",
+    b"PROXY TCP6 fe80::1%$(id);<svg> fe80::2 1 2\r\n",
+    b"PROXY TCP6 fe80::1%\x1b[31m fe80::2 1 2\r\n",
+    b"PROXY TCP6 fe80::2 fe80::1%1 1 2\r\n",
+    b"PROXY TCP4 1.2.3.4\x00 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 \x001.2.3.4 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 1.2.3.4\t5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 1.2.3.4x 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 \xc3\xa91.2.3 5.6.7.8 1 2\r\n",
+    # Addresses of the wrong family, or not in canonical IPv4 form.
+    b"PROXY TCP4 fd00::1 5.6.7.8 1 2\r\n",
+    b"PROXY TCP6 1.2.3.4 fd00::1 1 2\r\n",
+    b"PROXY TCP6 fd00::1 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 1.2.3.400 5.6.7.8 1 2\r\n",
+    b"PROXY TCP6 1::2::3 fd00::1 1 2\r\n",
+    # Ports: plain decimal 0-65535, no sign, no leading zero, no other digits.
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 0x10\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 1_0\r\n",
+    "PROXY TCP4 1.2.3.4 5.6.7.8 1 \u0661\r\n".encode(),
+    # Separators, field count, line ending.
+    b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n",
+    b"PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 junk\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n\r\n",
+    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX\r\n",
+    b"PROXY TCP4\r\n",
+    # The protocol.
+    b"PROXY HTTP 1.2.3.4 5.6.7.8 1 2\r\n",
+    b"PROXY tcp4 1.2.3.4 5.6.7.8 1 2\r\n",
+    b"PROXY UNKNOWNX\r\n",
+    b"PROXY \r\n",
+]
+
+V2_MALFORMED = [
+    (v2(b"\x12", INET_BLOCK), "DGRAM"),
+    (v2(b"\x22", bytes(36)), "DGRAM"),
+    (v2(b"\x11", INET_BLOCK[:8]), "8 bytes of addresses, family 1 needs 12"),
+    (v2(b"\x21", INET_BLOCK), "12 bytes of addresses, family 2 needs 36"),
+    (v2(b"\x31", INET_BLOCK), "12 bytes of addresses, family 3 needs 216"),
+    (v2(b"\x41", INET_BLOCK), "unknown address family 4"),
+    (v2(b"\x13", INET_BLOCK), "unknown transport 3"),
+    (v2(b"\x11", INET_BLOCK + b"\x04\x00"), "a TLV is cut off"),
+    (v2(b"\x11", INET_BLOCK + b"\x04\x00\x0a\x00\x00"), "a TLV runs past the end"),
+    (v2(b"\x11", INET_BLOCK + b"\x04\x00\x00" + b"\x04\x00\x02\x00"), "a TLV runs past the end"),
+    (v2(b"\x11", INET_BLOCK, command=0x22), "unknown command 2"),
+]
+
+
+@pytest.mark.parametrize("data", V1_MALFORMED, ids=lambda d: d.decode("latin-1").encode("unicode_escape").decode())
+def test_malformed_v1_headers(data):
+    """
+    A v1 header is refused unless it is exactly PROXY, TCP4 or TCP6, two IP addresses of that
+    family (no scope id, no stray character, no NUL, no leading zero), two plain decimal ports
+    0-65535, single spaces and a CRLF; the error quotes the line with every control or
+    non-ASCII byte escaped, so it is safe to log.
+    """
+    with pytest.raises(ProxyHeaderError) as info:
+        ProxyHeaderReader().feed(data)
+    message = str(info.value)
+    assert message.startswith("malformed PROXY v1 header '")
+    assert message.isprintable() and "\x1b" not in message and "\x00" not in message
+
+
+@pytest.mark.parametrize("data, message", V2_MALFORMED, ids=[m for _, m in V2_MALFORMED])
+def test_malformed_v2_headers(data, message):
+    """
+    A v2 header is refused when it is for UDP, its address block is shorter than its family
+    needs, its family, transport or command is unknown, or its TLVs do not end exactly at the
+    end of the header.
+    """
+    with pytest.raises(ProxyHeaderError) as info:
+        ProxyHeaderReader().feed(data + b"payload")
+    assert str(info.value).startswith("malformed PROXY v2 header: ") and message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "data, source, destination",
+    [
+        # IPv4-mapped IPv6 is the IPv4 client; any spelling inet_pton accepts reads canonically.
+        (b"PROXY TCP6 ::ffff:10.1.2.3 fd00::1 1 2\r\n", ("10.1.2.3", 1), ("fd00::1", 2)),
+        (b"PROXY TCP6 ::FFFF:a01:203 fd00::1 1 2\r\n", ("10.1.2.3", 1), ("fd00::1", 2)),
+        (b"PROXY TCP6 FD00:0:0::0001 fd00::1 1 2\r\n", ("fd00::1", 1), ("fd00::1", 2)),
+        (b"PROXY TCP4 0.0.0.0 255.255.255.255 0 65535\r\n", ("0.0.0.0", 0), ("255.255.255.255", 65535)),
+        (v2(b"\x21", b"\x00" * 10 + b"\xff\xff" + bytes([10, 1, 2, 3]) + bytes(15) + b"\x01" + struct.pack("!HH", 1, 2)), ("10.1.2.3", 1), ("::1", 2)),
+        (v2(b"\x11", INET_BLOCK + b"\x04\x00\x02\x00\x00" + b"\x05\x00\x00"), ("10.1.2.3", 5555), ("10.0.0.1", 80)),
+    ],
+)
+def test_accepted_headers_read_canonically(data, source, destination):
+    """
+    The addresses of an accepted header are in canonical text, IPv4-mapped IPv6 is read as
+    IPv4 (one client, one spelling), ports 0 and 65535 are fine, and well-formed TLVs after
+    the addresses are skipped.
+    """
+    assert ProxyHeaderReader().feed(data + b"rest") == (ProxyHeader(int(data.startswith(V2_SIGNATURE)) + 1, source, destination), b"rest")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        v2(b"\x11", b"", command=0x20),  # LOCAL: the family and block are ignored
+        v2(b"\x12", INET_BLOCK[:3], command=0x20),
+        v2(b"\x00", b""),  # UNSPEC family
+        v2(b"\x10", INET_BLOCK),  # UNSPEC transport
+        v2(b"\x31", bytes(216)),  # UNIX
+        b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n",  # 107 bytes, anything before the CRLF ignored
+    ],
+)
+def test_headers_meaning_use_the_connection(data):
+    """
+    LOCAL, UNSPEC, UNIX and v1 UNKNOWN headers (up to 107 bytes) mean "use the connection's
+    own addresses", as before.
+    """
+    assert ProxyHeaderReader().feed(data + b"rest")[0].source is None
+
+
+def test_v1_limit_is_107_bytes_with_crlf():
+    """
+    A v1 line of 108 bytes with its CRLF is refused even when the CRLF has arrived.
+    """
+    with pytest.raises(ProxyHeaderError, match="longer than 107 bytes"):
+        ProxyHeaderReader().feed(b"PROXY UNKNOWN " + b"x" * 92 + b"\r\n")
+
+
+def test_error_messages_escape_peer_bytes():
+    """
+    What a peer sent is quoted in the error only as visible escapes: a terminal escape
+    sequence or a NUL cannot reach a log or a terminal.
+    """
+    with pytest.raises(ProxyHeaderError) as info:
+        ProxyHeaderReader().feed(b"\x1b[2J\x00\x9b\\ok\r\n")
+    assert str(info.value) == "no PROXY header: the connection starts with '\\x1b[2J\\x00\\x9b\\x5cok\\x0d\\x0a'"
+    with pytest.raises(ProxyHeaderError) as info:
+        ProxyHeaderReader().feed(b"PROXY TCP6 fe80::1%\x1b]0;owned\x07 ::1 1 2\r\n")
+    assert "fe80::1%\\x1b]0;owned\\x07 ::1" in str(info.value)
+
+
 def test_truncated_header_waits():
     """
     A header that has not fully arrived is not an error yet: the reader waits for more.
@@ -184,3 +342,47 @@ def test_header_sent_to_destination(version):
     header, rest = ProxyHeaderReader().feed(attempt.transport.value())
     assert header.source == ("127.0.0.5", 43210) and header.destination == ("127.0.0.1", 8080)
     assert rest == b"hello" and client.session.bytes_from_client == 5
+
+
+def test_scope_ids_and_spellings_cannot_bypass_per_client_limits(caplog_twisted):
+    """
+    With max_connections_per_client = 1, a client holding its one session cannot get another
+    by varying an IPv6 scope id (dropped before any session) or by spelling its address
+    differently, IPv4-mapped or in v2 (same client, refused with reason limit).
+    """
+    harness = RelayHarness(
+        simple_mapping(
+            DEST,
+            proxy_protocol=True,
+            proxy_protocol_from=(parse_location("127.0.0.0/8"),),
+            max_connections_per_client=1,
+        )
+    )
+    first, _ = harness.accept(client_port=1)
+    first.dataReceived(b"PROXY TCP6 fe80::1 fd00::1 4000 80\r\n")
+    assert first.session.client_ip == "fe80::1" and len(harness.sessions) == 1
+    for port, scope in enumerate([b"eth0", b"1", b"2", b"lo"], start=2):
+        client, transport = harness.accept(client_port=port)
+        client.dataReceived(b"PROXY TCP6 fe80::1%" + scope + b" fd00::1 4000 80\r\n")
+        assert transport.aborted and client.session is None
+        client.connectionLost()
+    assert any("the source address is not an IPv6 address" in line for line in caplog_twisted)
+    for port, header in enumerate(
+        [
+            b"PROXY TCP6 FE80:0:0::0:1 fd00::1 4000 80\r\n",
+            build_header("v2", ("fe80::1", 4000), ("fd00::1", 80)),
+        ],
+        start=10,
+    ):
+        client, transport = harness.accept(client_port=port)
+        client.dataReceived(header)
+        assert client.session.client_ip == "fe80::1" and transport.disconnecting
+        client.connectionLost()
+    mapped, _ = harness.accept(client_port=20)
+    mapped.dataReceived(b"PROXY TCP4 10.1.2.3 10.0.0.1 4000 80\r\n")
+    again, transport = harness.accept(client_port=21)
+    again.dataReceived(b"PROXY TCP6 ::ffff:10.1.2.3 fd00::1 4000 80\r\n")
+    assert again.session.client_ip == "10.1.2.3" and transport.disconnecting
+    again.connectionLost()
+    refused = [e["client_ip"] for e in harness.sink.of("ClientDisconnect") if e["reason"] == "limit"]
+    assert refused == ["fe80::1", "fe80::1", "10.1.2.3"]
