@@ -179,15 +179,20 @@ def _sessions(args: argparse.Namespace) -> int:
     except (ConfigError, WingateMapError) as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
+    from .printable import printable
+
     if status != 200 or not isinstance(body, list):
-        print(f"admin API answered {status}: {body}", file=sys.stderr)
+        print(f"admin API answered {status}: {printable(body)}", file=sys.stderr)
         return 1
     columns = ["session", "mapping", "client", "user", "destination", "duration", "from_client", "to_client"]
     rows = [columns]
     for s in body:
+        # Addresses, users and destinations can come from clients: escaped, so that no control
+        # character or escape sequence reaches the terminal.
         client = f"[{s['client_ip']}]:{s['client_port']}" if ":" in s["client_ip"] else f"{s['client_ip']}:{s['client_port']}"
-        rows.append([s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
-                     f"{s['duration']:.1f}s", str(s["bytes_from_client"]), str(s["bytes_to_client"])])
+        cells = [s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
+                 f"{s['duration']:.1f}s", str(s["bytes_from_client"]), str(s["bytes_to_client"])]
+        rows.append([printable(cell) for cell in cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from .interfaces import IEventSink
+from .printable import printable
 
 _log = Logger()
 
@@ -111,7 +112,10 @@ def _endpoint(host: str, port: int) -> str:
 @implementer(IEventSink)
 class LogSink:
     """
-    Events as structured twisted.logger events (every field is a key of the log event).
+    Events as structured twisted.logger events (every field is a key of the log event).  The
+    text line escapes every field that can come from a client or a certificate (client
+    address, user, server name, destinations) with L{printable}: a control character or escape
+    sequence shows as C{\\x1b}, it never reaches a log file or a terminal as itself.
     """
 
     log = Logger(namespace="wingate_map.events")
@@ -124,12 +128,15 @@ class LogSink:
         Log ClientConnect.
         """
         text = (
-            f"ClientConnect {event['session']} mapping={event['mapping']} "
-            f"client={_endpoint(event['client_ip'], event['client_port'])} user={event['user']} ({event['identity']}) "
-            f"rule={event['rule']} destination={event['destination']}"
+            f"ClientConnect {printable(event['session'])} mapping={printable(event['mapping'])} "
+            f"client={printable(_endpoint(event['client_ip'], event['client_port']))} "
+            f"user={printable(event['user'])} ({printable(event['identity'])}) "
+            f"rule={printable(event['rule'])} destination={printable(event['destination'])}"
         )
         if event["original_dst"]:
-            text += f" original_dst={event['original_dst']}"
+            text += f" original_dst={printable(event['original_dst'])}"
+        if event.get("sni"):
+            text += f" sni={printable(event['sni'])}"
         if event["tls"]:
             text += " tls"
         self.log.info("{text}", text=text, **event)
@@ -139,9 +146,10 @@ class LogSink:
         Log ClientDisconnect.
         """
         text = (
-            f"ClientDisconnect {event['session']} mapping={event['mapping']} "
-            f"client={_endpoint(event['client_ip'], event['client_port'])} destination={event['destination']} "
-            f"reason={event['reason']} bytes_from_client={event['bytes_from_client']} "
+            f"ClientDisconnect {printable(event['session'])} mapping={printable(event['mapping'])} "
+            f"client={printable(_endpoint(event['client_ip'], event['client_port']))} "
+            f"destination={printable(event['destination'])} "
+            f"reason={printable(event['reason'])} bytes_from_client={event['bytes_from_client']} "
             f"bytes_to_client={event['bytes_to_client']} duration={event['duration']}"
         )
         self.log.info("{text}", text=text, **event)
