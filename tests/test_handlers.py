@@ -6,6 +6,9 @@ failure means under on_failure block / allow.
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer
@@ -67,7 +70,8 @@ def test_program_timeout_is_killed(tmp_path, on_failure, expected, caplog_twiste
     """
     A program that does not finish within timeout is killed; that is a failure.
     """
-    handler = program(tmp_path, "sleep 30", timeout=0.3, on_failure=on_failure)
+    # exec: the kill reaches the sleep itself (a shell's child would outlive it).
+    handler = program(tmp_path, "exec sleep 30", timeout=0.3, on_failure=on_failure)
     result = yield handler.client_connect(dict(EVENT))
     assert result is expected
     assert any("no answer within 0.3s (killed)" in line for line in caplog_twisted)
@@ -115,16 +119,77 @@ def test_python_timeout_allow():
 @pytest_twisted.inlineCallbacks
 def test_disconnect_handler_never_delays(tmp_path):
     """
-    A ClientDisconnect program runs after the fact: the call returns at once.
+    A ClientDisconnect program that is still running delays nothing: its session is already
+    gone, and with max_connections = 1 the next connection is served (and ends) while the
+    program is still waiting; the program finishes only when the test lets it.
     """
-    script = tmp_path / "after.sh"
-    marker = tmp_path / "ran"
-    script.write_text(f"#!/bin/sh\ntouch {marker}\nsleep 30\n")
-    script.chmod(0o755)
-    handler = ProgramHandler(Handler(event="ClientDisconnect", index=0, run=(str(script),), timeout=0.5), reactor())
-    assert handler.client_disconnect(dict(EVENT, event="ClientDisconnect")) is None
-    assert handler.client_connect(dict(EVENT)) is None  # not a ClientConnect handler
-    from .helpers import wait_for
+    from twisted.internet import protocol
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-    yield wait_for(marker.exists)
-    yield defer.succeed(None)
+    from .helpers import EchoProtocol, Peer, free_port, mapping_config, start_service, wait_for
+
+    started, finished, release = tmp_path / "started", tmp_path / "finished", tmp_path / "release"
+    script = tmp_path / "after.sh"
+    # Waits (at most 60 s) until the test creates the release file; records its pid to be cleaned up.
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$$ $WINGATEMAP_SESSION" >> "{started}"\n'
+        f'i=0; while [ ! -e "{release}" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n'
+        f'echo "$WINGATEMAP_SESSION" >> "{finished}"\n'
+    )
+    script.chmod(0o755)
+
+    def lines(path):
+        return path.read_text().splitlines() if path.exists() else []
+
+    echo = protocol.Factory.forProtocol(EchoProtocol)
+    echo.noisy = False
+    server_port = yield TCP4ServerEndpoint(reactor(), 0, interface="127.0.0.1").listen(echo)
+    port = free_port()
+    service, sink = start_service(
+        mapping_config(
+            port,
+            [("127.0.0.1", server_port.getHost().port)],
+            extra=f'max_connections = 1\n[[events.ClientDisconnect]]\nrun = ["{script}"]\ntimeout = 60\n',
+        )
+    )
+
+    @defer.inlineCallbacks
+    def session(payload):
+        client = Peer(payload=payload)
+        yield connectProtocol(TCP4ClientEndpoint(reactor(), "127.0.0.1", port), client)
+        yield wait_for(lambda: client.lost.called, timeout=30)
+        assert client.first_bytes == payload
+
+    try:
+        yield session(b"first")
+        yield wait_for(lambda: len(lines(started)) == 1, timeout=30)
+        [(pid, first_session)] = [line.split() for line in lines(started)]
+        # The program for the first session is running, and that session is already gone.
+        assert len(service.sessions) == 0
+        yield session(b"second")  # allowed only because the first session no longer counts
+        events = yield sink.disconnects(2)
+        assert [e["reason"] for e in events] == ["client-closed", "client-closed"]
+        assert events[0]["session"] == first_session
+        os.kill(int(pid), 0)  # still running: nothing above waited for it
+        assert lines(finished) == []
+        release.touch()
+        yield wait_for(lambda: len(lines(finished)) == 2, timeout=30)
+    finally:
+        release.touch()
+        for pid, session_id in (line.split() for line in lines(started)):
+            if session_id not in lines(finished) and script.name in _command_line(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+def _command_line(pid: int) -> str:
+    """
+    The command line of process C{pid} ("" once it is gone).
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
