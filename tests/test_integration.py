@@ -248,7 +248,8 @@ def test_client_vanishing_mid_stream():
 @pytest_twisted.inlineCallbacks
 def test_200_concurrent_sessions():
     """
-    200 clients at once each get their own bytes echoed back intact.
+    200 clients at once: all 200 sessions are live together (none has ended) while every
+    client gets its own bytes echoed back intact; then each closes and ends cleanly.
     """
     factory = protocol.Factory.forProtocol(EchoProtocol)
     factory.noisy = False
@@ -257,14 +258,22 @@ def test_200_concurrent_sessions():
     service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
     try:
         payloads = [os.urandom(10_000) for _ in range(200)]
-        clients = [Peer(payload=p) for p in payloads]
+        # No client closes until told to: each session stays open after its echo.
+        clients = [Peer(payload=p, half_close=False) for p in payloads]
         yield defer.gatherResults([connect(port, c) for c in clients])
-        yield wait_for(lambda: len(service.sessions) == 200 or len(sink.of("ClientDisconnect")) > 0)
-        yield defer.gatherResults([c.lost for c in clients])
+        yield wait_for(lambda: all(c.received == 10_000 for c in clients) or any(c.lost.called for c in clients), timeout=60)
+        assert [c for c in clients if c.lost.called] == []
+        assert len(service.sessions) == 200
+        assert sink.of("ClientDisconnect") == []
         for client, payload in zip(clients, payloads):
             assert client.digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+        for client in clients:
+            client.transport.loseWriteConnection()
+        yield defer.gatherResults([c.lost for c in clients]).addTimeout(60, reactor())
         events = yield sink.disconnects(200)
         assert len({e["session"] for e in events}) == 200
+        assert {e["reason"] for e in events} == {"client-closed"}
+        assert sorted(e["bytes_to_client"] for e in events) == [10_000] * 200
     finally:
         yield service.stopService()
         yield server_port.stopListening()
