@@ -162,15 +162,13 @@ class Metrics(Resource):
 
 class Health(_Json):
     """
-    C{GET /healthz}: no authentication; 200 while the service runs.
+    C{GET /healthz}: no authentication; what the service's C{health()} says (200 ok, 503
+    failing with the problems, 503 draining).
     """
 
     def render_GET(self, request: Any) -> bytes:
-        return self.reply(
-            request,
-            200,
-            {"status": "ok", "sessions": len(self.service.sessions), "listeners": len(self.service.listeners), "workers": self.service.config.service.workers},
-        )
+        code, body = self.service.health()
+        return self.reply(request, code, body)
 
 
 class Reload(_Json):

@@ -37,6 +37,8 @@ from .sessions import SessionRegistry
 from .credentials import CredentialStore
 from .handlers import build_handlers
 from .metrics import Metrics
+from .notify import Notifier
+from .signals import SignalHandlers
 from .workers import RUNTIME_ENV, WorkerPool, runtime_dir, worker_index, worker_socket
 from .tls import half_close_tls_factory, server_options
 
@@ -47,6 +49,12 @@ LISTEN_BACKLOG = 511
 
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} (errno {error.errno})"
+    return str(error) or type(error).__name__
 
 
 def listen_description(address: str, port: int) -> str:
@@ -80,6 +88,12 @@ class WingateMapService(MultiService):
 
     @ivar sessions: the live sessions (see L{SessionRegistry}).
     @ivar events: the event chain; L{subscribe} adds sinks after the built-in ones.
+    @ivar standalone: whether this service is the whole program: it then reloads on SIGHUP,
+        ends a drain at a second SIGTERM / SIGINT, reports to systemd when C{NOTIFY_SOCKET} is
+        set, and a start failure exits with a one-line error instead of a traceback.  L{None}
+        (the default) decides at start: standalone when twistd starts it (the plugin, any
+        C{.tac}), which calls L{privilegedStartService}; embedded (no process-wide change)
+        when the application calls L{startService}.
     """
 
     def __init__(
@@ -92,6 +106,7 @@ class WingateMapService(MultiService):
         adapters: Callable[[], Iterable[Adapter]] | None = None,
         config_path: str | None = None,
         extra_mappings: Iterable[Any] = (),
+        standalone: bool | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -115,7 +130,16 @@ class WingateMapService(MultiService):
         self.metrics = Metrics(self.sessions)
         self.credentials: CredentialStore | None = None
         self._admin_port: IListeningPort | None = None
-        self.install_sighup = False
+        # Whether this service is the whole program (see the class docstring); None: decided
+        # at start, True under twistd (which calls privilegedStartService).
+        self.standalone = standalone
+        self._signals: SignalHandlers | None = None
+        self._notifier: Notifier | None = None
+        self._draining = False
+        self._hurry = False  # end the drain at once (a second SIGTERM / SIGINT)
+        self._process_ending = False  # the reactor is shutting down
+        self._watcher_problem: str | None = None
+        self._listener_problems: dict[Listener, str] = {}
         # Worker processes (see workers.py): only when built for twistd (spawn_workers) and
         # the configuration asks for more than one.
         self.spawn_workers = False
@@ -331,13 +355,13 @@ class WingateMapService(MultiService):
             if mapping.intercept:
                 ports = ", ".join(str(p) for p in mapping.intercept)
                 _log.info("mapping {mapping}: intercepting port(s) {ports}{how}", mapping=mapping.name, ports=ports, how=" transparently (any destination)" if mapping.intercept_transparent else "")
-        if self.install_sighup:
-            self._install_sighup()
+        if self.standalone:
+            self._install_signals()
         if self.worker_index == 0 and self.multi_process:
             self._pool = WorkerPool(self.reactor, self.config.service.workers, self.worker_dir, on_exit=self.metrics.process_gone)
             self.reactor.callWhenRunning(self._pool.start)
             _log.info("starting {n} worker processes sharing the listeners (SO_REUSEPORT)", n=self.config.service.workers - 1)
-        self._poller = LoopingCall(self.refresh_bindings)
+        self._poller = LoopingCall(self._watch)
         self._poller.clock = self.reactor
         self._poller.start(self.config.service.adapter_poll_interval, now=False).addErrback(
             lambda f: _log.failure("adapter watcher stopped", f)
@@ -364,10 +388,24 @@ class WingateMapService(MultiService):
         Re-read the configuration file and apply it without dropping a session: new listeners
         open, removed ones close (their sessions live on), unchanged ones stay open, and new
         connections get the new rules, users, handlers and TLS files.  An invalid file changes
-        nothing.
+        nothing, and so does a reload while stopping.  Under systemd, RELOADING=1 / READY=1
+        surround it.
 
         @return: the problems that stopped the reload (empty when it was applied).
         """
+        if not self._started:
+            problem = "the service is stopping: nothing to reload" if self._draining else "the service is not running: nothing to reload"
+            _log.error("reload refused: {problem}", problem=problem)
+            return [problem]
+        if self._notifier is not None:
+            self._notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            if self._notifier is not None:
+                self._notifier.ready(self._status_line())
+
+    def _reload(self) -> list[str]:
         from .config import load_config, with_mappings
         from .errors import ConfigError
 
@@ -463,11 +501,17 @@ class WingateMapService(MultiService):
             return
         try:
             wanted = self._plan()
-        except BindingError as e:
-            _log.error("cannot follow adapter changes: {error}", error=str(e))
+        except Exception as e:
+            # psutil raises OSError (EMFILE when out of file descriptors) as well as BindingError.
+            self._watcher_failed(f"cannot follow adapter changes: {_describe(e)}")
             return
+        if self._watcher_problem is not None:
+            _log.info("adapter watcher recovered: following adapter changes again")
+            self._watcher_problem = None
         current = set(self._ports)
         wanted_set = set(wanted)
+        for listener in [l for l in self._listener_problems if l not in wanted_set]:
+            del self._listener_problems[listener]
         for listener in [l for l in self._ports if l not in wanted_set]:
             port = self._ports.pop(listener)
             port.stopListening()
@@ -478,49 +522,154 @@ class WingateMapService(MultiService):
             try:
                 self._ports[listener] = self._open(listener)
             except BindError as e:
-                _log.error("{error} (will retry)", error=str(e))
+                if self._listener_problems.get(listener) != str(e):
+                    _log.error("{error} (will retry)", error=str(e))
+                self._listener_problems[listener] = str(e)
                 continue
+            self._listener_problems.pop(listener, None)
             _log.info("mapping {mapping}: new address {address}; listening on {listener}", mapping=listener.mapping, address=listener.address, listener=str(listener))
         try:
             self._apply_interception()
         except InterceptionError as e:
             _log.error("{error}", error=str(e))
 
-    def _install_sighup(self) -> None:
+    def _watch(self) -> None:
+        """
+        One poll of the adapter watcher: it survives any error, logged once per distinct
+        error, and tries again at the next poll (L{health} names it meanwhile).
+        """
+        try:
+            self.refresh_bindings()
+        except Exception as e:
+            self._watcher_failed(f"adapter watcher failed: {_describe(e)}")
+        if self._notifier is not None and self._started:
+            self._notifier.status(self._status_line())
+
+    def _watcher_failed(self, problem: str) -> None:
+        if problem != self._watcher_problem:
+            _log.error("{problem} (will retry every {interval:g}s)", problem=problem, interval=self.config.service.adapter_poll_interval)
+        self._watcher_problem = problem
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """
+        What C{GET /healthz} answers: 200 C{{"status": "ok"}} while every part works; 503
+        C{{"status": "failing", "problems": [...]}} when a listener, a worker or the adapter
+        watcher fails; 503 C{{"status": "draining"}} during a shutdown drain.
+
+        @return: the HTTP status code and the JSON body.
+        """
+        counts = {"sessions": len(self.sessions), "listeners": len(self._ports), "workers": self.config.service.workers}
+        if self._draining:
+            return 503, {"status": "draining", **counts}
+        if not self._started:
+            return 503, {"status": "failing", "problems": ["the service is not running"], **counts}
+        problems = [f"listener: {why}" for why in self._listener_problems.values()]
+        problems += [f"worker: {why}" for why in self._worker_problems()]
+        if self._watcher_problem is not None:
+            problems.append(f"adapter watcher: {self._watcher_problem}")
+        if problems:
+            return 503, {"status": "failing", "problems": problems, **counts}
+        return 200, {"status": "ok", **counts}
+
+    def _worker_problems(self) -> list[str]:
+        pool_problems = getattr(self._pool, "problems", None)
+        return list(pool_problems()) if pool_problems is not None else []
+
+    def _status_line(self) -> str:
+        """
+        The STATUS= line systemd shows.
+        """
+        text = f"{len(self.sessions)} live session(s), {len(self._ports)} listener(s)"
+        if self._pool is not None:
+            text += f", {self.config.service.workers - 1} worker process(es)"
+        return ("draining: " if self._draining else "") + text
+
+    def _install_signals(self) -> None:
+        """
+        SIGHUP reloads; a worker also takes SIGUSR2 from the primary as "end the drain now".
+        """
         import signal
 
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self._sighup)
+        if self._signals is None:
+            self._signals = SignalHandlers(self.reactor)
+            self.reactor.addSystemEventTrigger("before", "shutdown", self._reactor_stopping)
+        self._signals.restore()
+        self._signals.install(signal.SIGHUP, self._sighup)
+        if self.worker_index > 0:
+            self._signals.install(signal.SIGUSR2, self.end_drain)
 
-        signal.signal(signal.SIGHUP, on_hup)
+    def _signals_while_draining(self) -> None:
+        """
+        During the drain a second SIGTERM / SIGINT ends it at once.  A worker ignores them
+        instead: systemd signals every process of the unit and the primary signals its workers
+        too, so a worker sees two at one stop; the primary passes a real second signal on as
+        SIGUSR2.
+        """
+        import signal
 
-        def stopping() -> None:
-            # Once stopping, a second SIGTERM (systemd signals every process of the unit, and
-            # the primary signals its workers too) must not make twistd stop twice.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self._signals is None:
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._signals.install(signum, self.end_drain if self.worker_index == 0 else None)
 
-        self.reactor.addSystemEventTrigger("before", "shutdown", stopping)
+    def _reactor_stopping(self) -> None:
+        self._process_ending = True
 
     def _sighup(self) -> None:
         _log.info("SIGHUP: reloading {path}", path=self.config_path)
         self.reload()
 
+    def end_drain(self) -> None:
+        """
+        End a shutdown drain at once: the sessions still live close with reason C{shutdown}
+        (a second SIGTERM / SIGINT does this).  Called before the drain starts, the drain will
+        not wait.
+        """
+        self._hurry = True
+        if self._pool is not None:
+            self._pool.signal("USR2")
+        if self._draining and len(self.sessions):
+            _log.info("second stop signal: ending the drain now, closing {count} session(s)", count=len(self.sessions))
+            self.sessions.terminate_all("shutdown")
+
     def privilegedStartService(self) -> None:
         """
-        Bind every listener (before twistd drops privileges).
+        Bind every listener (before twistd drops privileges).  Run as a program (see
+        C{standalone}), a start failure exits with its one-line error, not a traceback.
         """
+        if self.standalone is None:
+            self.standalone = True
         if not self._started:
-            self._listen()
+            self._listen_or_exit()
         super().privilegedStartService()
 
     def startService(self) -> None:
         """
         Start; binds the listeners if L{privilegedStartService} has not.
         """
+        if self.standalone is None:
+            self.standalone = False
         if not self._started:
-            self._listen()
+            self._listen_or_exit()
         super().startService()
+        if self.standalone and self.worker_index == 0:
+            self._notifier = Notifier.from_environment()
+            if self._notifier is not None:
+                self._notifier.ready(self._status_line())
+
+    def _listen_or_exit(self) -> None:
+        if not self.standalone or os.environ.get("WINGATEMAP_TRACEBACKS") is not None:
+            self._listen()
+            return
+        try:
+            self._listen()
+        except WingateMapError as e:
+            # An operator's error, not a crash: one line on the terminal (twistd has replaced
+            # sys.stderr with its log), and the exit status twistd gives a failed start.
+            import sys
+
+            (sys.__stderr__ or sys.stderr).write(f"wingatemap: error: {e}\n")
+            raise SystemExit(1) from None
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -531,11 +680,14 @@ class WingateMapService(MultiService):
             self._poller.stop()
         ports, self._ports = self._ports, {}
         self._started = False
+        self._draining = True
+        self._listener_problems = {}
+        self._signals_while_draining()
+        if self._notifier is not None:
+            self._notifier.stopping(self._status_line())
+        # The admin API stays up until the drain is over, so that it can be watched
+        # (/healthz answers 503 draining); it closes in _stopped.
         closing = [d for d in (port.stopListening() for port in ports.values()) if d is not None]
-        if self._admin_port is not None:
-            # The admin API closes with the listeners: a stopping service takes no orders.
-            closing.append(self._admin_port.stopListening())
-            self._admin_port = None
         if self._ruleset is not None:
             try:
                 remove()
@@ -546,8 +698,8 @@ class WingateMapService(MultiService):
         # Drain once every listening socket is really closed (that takes one reactor turn).
         drained = gatherResults(closing, consumeErrors=True).addBoth(lambda _: self._drain())
         if self._pool is not None:
+            # The pool stays known until _stopped: a second signal is passed on to the workers.
             stopped.append(self._pool.stop())
-            self._pool = None
         return gatherResults(stopped + [drained], consumeErrors=True).addBoth(self._stopped)
 
     def _drain(self) -> Deferred[None]:
@@ -555,6 +707,10 @@ class WingateMapService(MultiService):
         timeout = self.config.service.drain_timeout
         done = self.sessions.when_empty()
         if not live:
+            return done
+        if self._hurry:
+            _log.info("listeners closed; not draining: closing {count} live session(s)", count=live)
+            self.sessions.terminate_all("shutdown")
             return done
         _log.info("listeners closed; draining {count} live session(s) for up to {timeout:g}s", count=live, timeout=timeout)
 
@@ -573,7 +729,19 @@ class WingateMapService(MultiService):
 
         return done.addBoth(finished)
 
-    def _stopped(self, result: Any) -> None:
+    def _stopped(self, result: Any) -> Deferred[Any] | None:
+        self._draining = False
+        self._hurry = False
+        self._pool = None
+        if self._signals is not None:
+            import signal
+
+            # While the process ends, later SIGTERMs (systemd and the primary both signal a
+            # worker) stay ignored: twistd's own handler would try to stop a stopped reactor.
+            self._signals.restore(signal.SIGHUP, signal.SIGUSR2)
+            if not self._process_ending:
+                self._signals.restore()
+        admin, self._admin_port = self._admin_port, None
         if self._audit is not None:
             self._audit.close()
             self._audit = None
@@ -584,4 +752,5 @@ class WingateMapService(MultiService):
         if isinstance(result, Failure):
             _log.failure("error while stopping", result)
         _log.info("stopped")
+        return None if admin is None else admin.stopListening()
 

@@ -96,34 +96,21 @@ class Options(usage.Options):
             raise usage.UsageError("a subcommand is required: run")
 
 
-def _quiet_excepthook(original: Any) -> Any:
-    def hook(kind: type, value: BaseException, tb: Any) -> None:
-        if isinstance(value, WingateMapError):
-            # twistd has replaced sys.stderr with its log; the operator's terminal is the real one.
-            (sys.__stderr__ or sys.stderr).write(f"wingatemap: error: {value}\n")
-        else:
-            original(kind, value, tb)
-
-    return hook
-
-
 def makeService(options: Options, reactor: Any = None) -> Any:
     """
-    The service for C{twistd wingatemap run}.
+    The service for C{twistd wingatemap run}: the whole program (SIGHUP reloads, systemd is
+    told, a start failure is one line; see L{WingateMapService}'s C{standalone}).
     """
     from .service import WingateMapService
 
     run = options.subOptions
     assert run is not None and run.loaded is not None
-    if os.environ.get("WINGATEMAP_TRACEBACKS") is None:
-        # A bind failure at start is an operator's error, not a crash: say it in one line.
-        sys.excepthook = _quiet_excepthook(sys.excepthook)
     service = WingateMapService(
         run.loaded,
         reactor=reactor,
         config_path=run.config_path,
         extra_mappings=run.extra_mappings,
+        standalone=True,
     )
-    service.install_sighup = True
     service.spawn_workers = True
     return service
