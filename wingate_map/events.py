@@ -9,7 +9,9 @@ C{blocked}.  ClientDisconnect sinks can never delay or change anything.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -155,19 +157,72 @@ class LogSink:
         self.log.info("{text}", text=text, **event)
 
 
+AUDIT_LOG_MODE = 0o640
+
+
+def _open_audit_log(path: str) -> int:
+    """
+    Open C{path} for appending: created C{0640} whatever the umask, never through a symbolic
+    link (C{O_NOFOLLOW}), C{O_APPEND} so that every line lands at the end even when several
+    processes (workers) write the same file.
+
+    @raise OSError: it cannot be opened; for a symbolic link the message says so.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    for _ in range(3):  # the file may vanish or appear between the two opens (logrotate)
+        try:
+            # O_EXCL also refuses a (dangling) symbolic link, which then fails below.
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, AUDIT_LOG_MODE)
+        except FileExistsError:
+            pass
+        else:
+            os.fchmod(fd, AUDIT_LOG_MODE)  # the umask may have taken bits away
+            return fd
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno == errno.ELOOP and os.path.islink(path):
+                raise OSError(errno.ELOOP, "it is a symbolic link, and the audit log is never opened through one") from None
+            raise
+    raise OSError(errno.ENOENT, "it keeps disappearing while being opened")
+
+
 @implementer(IEventSink)
 class AuditLogSink:
     """
-    Every event as one JSON object on a line of a file, appended and flushed as it happens.
+    Every event as one JSON object on a line of a file, appended (one C{write} per line) as it
+    happens.  The file is created C{0640} and never opened through a symbolic link; L{reopen}
+    opens the path anew, for log rotation (move the file away, then reload).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        self._fd: int | None = _open_audit_log(path)
+
+    def reopen(self) -> None:
+        """
+        Open the path anew and write there from now on (logrotate moved the file away, or it
+        was deleted); the file written so far is closed.
+
+        @raise OSError: the path cannot be opened (e.g. it is now a symbolic link); the file
+            written so far stays in use.
+        """
+        fd = _open_audit_log(self.path)
+        old, self._fd = self._fd, fd
+        if old is not None:
+            os.close(old)
 
     def _write(self, event: dict[str, Any]) -> None:
-        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-        self._file.flush()
+        if self._fd is None:
+            raise ValueError(f"audit log {self.path} is closed")
+        data = memoryview((json.dumps(event, separators=(",", ":")) + "\n").encode("utf-8"))
+        while data:  # a regular file takes all of it at once unless the disk is full
+            written = os.write(self._fd, data)
+            if written <= 0:
+                raise OSError(errno.EIO, f"audit log {self.path}: nothing could be written")
+            data = data[written:]
 
     def client_connect(self, event: dict[str, Any]) -> None:
         """
@@ -183,6 +238,8 @@ class AuditLogSink:
 
     def close(self) -> None:
         """
-        Close the file.
+        Close the file (again: nothing happens).
         """
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

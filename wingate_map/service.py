@@ -427,13 +427,15 @@ class WingateMapService(MultiService):
         if new.admin != self.config.admin:
             _log.warn("reload: [admin] changes take effect at the next restart")
         audit = self._audit
-        if new.service.audit_log != self.config.service.audit_log:
-            try:
+        try:
+            if new.service.audit_log != self.config.service.audit_log:
                 audit = AuditLogSink(new.service.audit_log) if new.service.audit_log else None
-            except OSError as e:
-                message = f"service.audit_log: cannot open {new.service.audit_log}: {e.strerror or e}"
-                _log.error("reload refused, the running configuration stays: {problem}", problem=message)
-                return [message]
+            elif audit is not None:
+                audit.reopen()  # the same path: open it anew, for logrotate's move-then-reload
+        except OSError as e:
+            message = f"service.audit_log: cannot open {new.service.audit_log}: {e.strerror or e}"
+            _log.error("reload refused, the running configuration stays: {problem}", problem=message)
+            return [message]
         try:
             events, factories, targets = self._build(new, audit)
         except Exception as e:
