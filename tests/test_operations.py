@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -264,17 +266,44 @@ def test_connection_limits(tmp_path):
     assert len(limited) == 2 and all(e["destination"] is None for e in limited)
 
 
+def _fifo_lines(fd: int, heard: list[str], count: int, timeout: float = 30.0) -> list[str]:
+    """
+    The first C{count} lines read from fifo C{fd} (kept in C{heard}), waiting up to C{timeout}s.
+    """
+    deadline = time.monotonic() + timeout
+    buffer = ""
+    while len(heard) < count:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not ready:
+            raise AssertionError(f"only {len(heard)} of {count} lines within {timeout}s: {heard}")
+        buffer += os.read(fd, 4096).decode()
+        *lines, buffer = buffer.split("\n")
+        heard.extend(lines)
+    return heard[:count]
+
+
 def test_event_handlers(tmp_path):
     """
     Handlers run in order: a program gets the fields as WINGATEMAP_* variables and blocks by
     exiting non-zero; a Python callable blocks by returning False and may answer with a
     Deferred; a failing or hanging handler blocks (or allows, with on_failure = "allow");
-    ClientDisconnect programs run after the session without delaying it.
+    ClientDisconnect programs run after the session without delaying it: while they still
+    run, their sessions no longer count against max_connections = 1 and the next clients
+    are served.
     """
     echo = EchoServer(b"ok")
     port = free_port()
     record = tmp_path / "env.txt"
-    closed = tmp_path / "closed.txt"
+    # Each ClientDisconnect program says "started" and "done" on one fifo and, in between,
+    # waits (60 s at most) for a line the test writes on the other.
+    announce_path, release_path = tmp_path / "announce", tmp_path / "release"
+    os.mkfifo(announce_path)
+    os.mkfifo(release_path)
+    # Opened read-write by the test too, so a read never sees end-of-file between programs.
+    announce = os.open(announce_path, os.O_RDWR | os.O_NONBLOCK)
+    release = os.open(release_path, os.O_RDWR | os.O_NONBLOCK)
+    heard: list[str] = []
     script = tmp_path / "check.sh"
     script.write_text(
         "#!/bin/sh\n"
@@ -283,7 +312,13 @@ def test_event_handlers(tmp_path):
     )
     script.chmod(0o755)
     after = tmp_path / "after.sh"
-    after.write_text(f'#!/bin/sh\necho "$WINGATEMAP_SESSION $WINGATEMAP_REASON" >> "{closed}"\nsleep 30\n')
+    after.write_text(
+        "#!/bin/bash\n"
+        f'exec 3<> "{release_path}" 4<> "{announce_path}"\n'  # read-write opens of a fifo never block
+        'echo "started $$ $WINGATEMAP_CLIENT_IP" >&4\n'
+        "read -t 60 -u 3 line\n"
+        'echo "done $$ $WINGATEMAP_CLIENT_IP" >&4\n'
+    )
     after.chmod(0o755)
     proc, config = start(
         tmp_path,
@@ -291,25 +326,42 @@ def test_event_handlers(tmp_path):
         f'[[events.ClientConnect]]\nrun = ["{script}"]\ntimeout = 10\n'
         f'[[events.ClientConnect]]\npython = "tests.handler_module:block_66"\n'
         f'[[events.ClientConnect]]\npython = "tests.handler_module:later_allow"\n'
-        f'[[events.ClientDisconnect]]\nrun = ["{after}"]\ntimeout = 1\n'
-        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\ndefault = {{ host = "127.0.0.1", port = {echo.port} }}\n',
+        f'[[events.ClientDisconnect]]\nrun = ["{after}"]\ntimeout = 60\n'
+        f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\nmax_connections = 1\n'
+        f'default = {{ host = "127.0.0.1", port = {echo.port} }}\n',
     )
     try:
         proc.wait_line(r"listening on")
         ok = connect(port, "127.0.0.70")
         assert ok.recv(2) == b"ok"
         ok.close()
+        proc.wait_line(r"ClientDisconnect .* client=127\.0\.0\.70:.* reason=client-closed")
+        [first] = _fifo_lines(announce, heard, 1)
+        # With max_connections = 1 these two are decided (blocked by a handler, not refused
+        # over the limit) only if the session whose program is still running no longer counts.
         assert connect(port, "127.0.0.77").recv(2) == b""  # the program blocks it
+        proc.wait_line(r"ClientDisconnect .* client=127\.0\.0\.77:.* reason=blocked")
         assert connect(port, "127.0.0.66").recv(2) == b""  # the Python callable blocks it
         proc.wait_line(r"ClientDisconnect .* client=127\.0\.0\.66:.* reason=blocked")
+        started = _fifo_lines(announce, heard, 3)
+        assert first.startswith("started ") and first.endswith(" 127.0.0.70")
+        assert sorted(line.split()[2] for line in started) == ["127.0.0.66", "127.0.0.70", "127.0.0.77"]
+        assert all(line.startswith("started ") for line in started)  # none has finished yet
+        os.kill(int(first.split()[1]), 0)  # the first program is still running
+        os.write(release, b"\n" * 3)
+        assert sorted(line.split()[0] for line in _fifo_lines(announce, heard, 6)) == ["done"] * 3 + ["started"] * 3
     finally:
+        os.write(release, b"\n" * 8)  # whatever still waits finishes now
+        os.close(release)
+        os.close(announce)
         proc.stop()
-    env = record.read_text()
-    assert "WINGATEMAP_CLIENT_IP=127.0.0.70" in env and "WINGATEMAP_MAPPING=m" in env and "WINGATEMAP_EVENT=ClientConnect" in env
-    assert "WINGATEMAP_ORIGINAL_DST=\n" in env or "WINGATEMAP_ORIGINAL_DST=" in env
+    env = record.read_text().splitlines()
+    assert "WINGATEMAP_CLIENT_IP=127.0.0.70" in env and "WINGATEMAP_MAPPING=m" in env
+    # One record per connection; in each, the original destination (none here) is empty.
+    assert env.count("WINGATEMAP_EVENT=ClientConnect") == 3
+    assert [line for line in env if line.startswith("WINGATEMAP_ORIGINAL_DST=")] == ["WINGATEMAP_ORIGINAL_DST="] * 3
     reasons = {e["client_ip"]: e["reason"] for e in events(tmp_path) if e["event"] == "ClientDisconnect"}
     assert reasons == {"127.0.0.70": "client-closed", "127.0.0.77": "blocked", "127.0.0.66": "blocked"}
-    assert len(closed.read_text().splitlines()) >= 1  # ran, and its 30 s sleep delayed nothing
 
     # Failures: block by default, allow when configured.
     for on_failure, expected in (("block", b""), ("allow", b"ok")):
