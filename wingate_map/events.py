@@ -130,31 +130,30 @@ class LogSink:
         Log ClientConnect.
         """
         text = (
-            f"ClientConnect {printable(event['session'])} mapping={printable(event['mapping'])} "
-            f"client={printable(_endpoint(event['client_ip'], event['client_port']))} "
-            f"user={printable(event['user'])} ({printable(event['identity'])}) "
-            f"rule={printable(event['rule'])} destination={printable(event['destination'])}"
+            f"ClientConnect {event['session']} mapping={event['mapping']} "
+            f"client={_endpoint(event['client_ip'], event['client_port'])} user={event['user']} ({event['identity']}) "
+            f"rule={event['rule']} destination={event['destination']}"
         )
         if event["original_dst"]:
-            text += f" original_dst={printable(event['original_dst'])}"
+            text += f" original_dst={event['original_dst']}"
         if event.get("sni"):
-            text += f" sni={printable(event['sni'])}"
+            text += f" sni={event['sni']}"
         if event["tls"]:
             text += " tls"
-        self.log.info("{text}", text=text, **event)
+        # The whole line is escaped at once: every field is, and the rest is our own text.
+        self.log.info("{text}", text=printable(text), **event)
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """
         Log ClientDisconnect.
         """
         text = (
-            f"ClientDisconnect {printable(event['session'])} mapping={printable(event['mapping'])} "
-            f"client={printable(_endpoint(event['client_ip'], event['client_port']))} "
-            f"destination={printable(event['destination'])} "
-            f"reason={printable(event['reason'])} bytes_from_client={event['bytes_from_client']} "
+            f"ClientDisconnect {event['session']} mapping={event['mapping']} "
+            f"client={_endpoint(event['client_ip'], event['client_port'])} destination={event['destination']} "
+            f"reason={event['reason']} bytes_from_client={event['bytes_from_client']} "
             f"bytes_to_client={event['bytes_to_client']} duration={event['duration']}"
         )
-        self.log.info("{text}", text=text, **event)
+        self.log.info("{text}", text=printable(text), **event)
 
 
 AUDIT_LOG_MODE = 0o640
