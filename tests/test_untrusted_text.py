@@ -155,3 +155,21 @@ def test_sessions_error_answer_is_escaped(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_admin_request", lambda config, method, path: (500, "boom\x1b[2J"))
     assert cli.main(["sessions"]) == 1
     assert capsys.readouterr().err == "admin API answered 500: boom\\x1b[2J\n"
+
+
+def test_certificate_names_are_never_printed_raw():
+    """
+    A TLS client certificate's CN decides the user only by matching a configured name, so the
+    user printed is always a name from the file; where the CN itself is shown (explaining who
+    a client is), its control characters are escaped.
+    """
+    from wingate_map.config import User
+    from wingate_map.identity import CertificateIdentitySource
+    from wingate_map.rules import ClientInfo
+
+    cn = "alice\x1b]0;owned\x07"
+    source = CertificateIdentitySource([User(name="alice", certificates=(cn,))])
+    client = ClientInfo(mapping="m", client_ip="10.0.0.1", client_port=1, local_ip="10.0.0.2", local_port=2, certificate_cn=cn)
+    assert source.identify(client).user == "alice"
+    why = source.explain(client)
+    assert not _has_controls(why) and "\\x1b]0;owned\\x07" in why
