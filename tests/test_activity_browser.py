@@ -1,6 +1,8 @@
 """
-The activity page in a real headless browser (Debian's chromium driven by Playwright): a live
-session appears, its byte counts grow while you watch, and the kill button ends it.  With
+The activity page in a real headless browser (Debian's chromium driven by Playwright): the
+browser logs in with HTTP Basic (the token as the password), a live session appears, its byte
+counts grow while you watch, and the kill button ends it; the page may not be framed and sends
+no Referer.  With
 WINGATEMAP_UPDATE_SCREENSHOT=1 the screenshot goes to docs/activity.png (that is how the one in
 the docs was made).
 """
@@ -35,8 +37,11 @@ def browser_or_skip():
 
 def test_activity_page_live_and_kill(tmp_path):
     """
-    The page groups a live session under its client and user, shows its bytes growing, and
-    its kill button ends the session (reason killed).
+    A browser without credentials gets 401; logged in with HTTP Basic (the token as the
+    password) the page groups a live session under its client and user, shows its bytes
+    growing, and its kill button ends the session (reason killed).  Its answer forbids framing
+    and Referer: its API calls carry no Referer and no token in a URL, and a page that frames
+    it shows nothing of it.
     """
     sync_playwright = browser_or_skip()
     echo = EchoServer()
@@ -63,8 +68,28 @@ def test_activity_page_live_and_kill(tmp_path):
                       "--disable-component-update", "--disable-sync"],
             )
             try:
-                page = browser.new_page(viewport={"width": 1100, "height": 520})
-                page.goto(f"http://127.0.0.1:{admin}/?token={TOKEN}")
+                url = f"http://127.0.0.1:{admin}/"
+                # Without credentials the browser is challenged (and gets nothing).
+                anonymous = browser.new_context().new_page()
+                statuses = []
+                anonymous.on("response", lambda response: statuses.append(response.status))
+                try:
+                    anonymous.goto(url)
+                except Exception as e:  # Chromium cancels the login prompt: ERR_INVALID_AUTH_CREDENTIALS
+                    assert "AUTH" in str(e)
+                assert statuses == [401]
+                anonymous.context.close()
+                # Logged in with HTTP Basic, the token as the password (any user name).
+                context = browser.new_context(viewport={"width": 1100, "height": 520}, http_credentials={"username": "operator", "password": TOKEN})
+                page = context.new_page()
+                requests = []
+                page.on("request", lambda request: requests.append(request))
+                response = page.goto(url)
+                assert response.status == 200
+                headers = response.headers
+                assert headers["x-frame-options"] == "DENY"
+                assert "frame-ancestors 'none'" in headers["content-security-policy"]
+                assert headers["referrer-policy"] == "no-referrer"
                 row = page.locator(f'tr[data-session="{session["session"]}"]')
                 row.wait_for(timeout=20000)
                 box = page.locator('section[data-client="127.0.0.41"]')
@@ -85,6 +110,19 @@ def test_activity_page_live_and_kill(tmp_path):
                 assert os.path.getsize(shot) > 10_000
                 row.locator("button.kill").click()
                 row.wait_for(state="detached", timeout=20000)
+                # The page's own API calls: no token in any URL, no Referer.
+                calls = [r for r in requests if "/sessions" in r.url]
+                assert calls and any(r.method == "DELETE" for r in calls)
+                for request in requests:
+                    assert TOKEN not in request.url and "referer" not in request.all_headers()
+                # No page can frame it (frame-ancestors 'none' / X-Frame-Options: DENY), not even
+                # its own origin, where the browser would send the credentials.
+                page.evaluate(
+                    "url => new Promise(done => { const f = document.createElement('iframe'); f.id = 'framed';"
+                    " f.onload = () => done(); f.src = url; document.body.append(f); })",
+                    url,
+                )
+                assert page.frame_locator("#framed").locator("#sessions").count() == 0
             finally:
                 browser.close()
         try:

@@ -6,6 +6,7 @@ connection limits and event handlers, with wingatemap running under twistd.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import select
@@ -57,10 +58,16 @@ class EchoServer:
         self.server.server_close()
 
 
-def api(port, method, path, token=TOKEN, body=None):
+def api(port, method, path, token=TOKEN, body=None, basic=None):
+    """
+    One admin API request (Bearer C{token}, or HTTP Basic with C{basic} = (user, password));
+    (status, JSON or text body).
+    """
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=json.dumps(body).encode() if body is not None else None)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
+    if basic:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode())
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             data = response.read()
@@ -108,7 +115,8 @@ def test_admin_api_endpoints_and_cli(tmp_path):
     try:
         proc.wait_line(r"admin API listening")
         assert api(admin, "GET", "/healthz", token=None)[0] == 200
-        assert api(admin, "GET", "/sessions", token=None) == (401, {"error": "missing or wrong bearer token"})
+        status, body = api(admin, "GET", "/sessions", token=None)
+        assert status == 401 and "missing or wrong token" in body["error"]
         assert api(admin, "GET", "/sessions", token="wrong-token-xx")[0] == 401
         assert api(admin, "GET", "/metrics", token=None)[0] == 401
         assert api(admin, "GET", "/sessions") == (200, [])
@@ -155,9 +163,10 @@ def test_admin_api_endpoints_and_cli(tmp_path):
         proc.wait_line(r"ClientConnect .* user=alice \(authenticated\)")
         assert api(admin, "DELETE", "/credentials/127.0.0.1") == (200, {"logged_out": "127.0.0.1"})
         assert api(admin, "DELETE", "/credentials/127.0.0.1")[0] == 404
-        page = api(admin, "GET", f"/?token={TOKEN}", token=None)
+        page = api(admin, "GET", "/", token=None, basic=("anyone", TOKEN))
         assert page[0] == 200 and "wingatemap" in page[1] and "live activity" in page[1]
         assert api(admin, "GET", "/", token=None)[0] == 401
+        assert api(admin, "GET", f"/?token={TOKEN}", token=None)[0] == 401
     finally:
         proc.stop()
         echo.close()

@@ -1,6 +1,9 @@
 """
 The live activity page served at the admin API's C{/}: sessions grouped by client, then by user,
 with mapping, destination, duration and bytes updating every second, and a kill button.
+
+The page never handles the token: the browser logs in with HTTP Basic (the token as the
+password) and sends those credentials itself on the page's same-origin API calls.
 """
 
 ACTIVITY_PAGE = b"""<!doctype html>
@@ -30,9 +33,6 @@ ACTIVITY_PAGE = b"""<!doctype html>
 <div id="sessions"></div>
 <script>
 "use strict";
-const token = new URLSearchParams(location.search).get("token");
-const headers = token ? { "Authorization": "Bearer " + token } : {};
-
 function bytes(n) {
   if (n < 1024) return n + " B";
   const units = ["KiB", "MiB", "GiB", "TiB"];
@@ -55,7 +55,7 @@ function el(tag, attrs, ...children) {
 }
 
 async function kill(id) {
-  const r = await fetch("sessions/" + encodeURIComponent(id), { method: "DELETE", headers });
+  const r = await fetch("sessions/" + encodeURIComponent(id), { method: "DELETE", credentials: "same-origin" });
   if (!r.ok) document.getElementById("status").textContent = "kill failed: " + r.status;
   refresh();
 }
@@ -92,8 +92,8 @@ function render(sessions) {
 
 async function refresh() {
   try {
-    const r = await fetch("sessions", { headers, cache: "no-store" });
-    if (!r.ok) throw new Error("HTTP " + r.status + (r.status === 401 ? ": open this page as /?token=YOUR_TOKEN" : ""));
+    const r = await fetch("sessions", { credentials: "same-origin", cache: "no-store" });
+    if (!r.ok) throw new Error("HTTP " + r.status + (r.status === 401 ? ": reload the page and log in (any user name, the admin token as the password)" : ""));
     render(await r.json());
   } catch (e) {
     const status = document.getElementById("status");
