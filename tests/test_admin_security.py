@@ -33,7 +33,7 @@ from wingate_map.credentials import CredentialStore
 from wingate_map.errors import WingateMapError
 from wingate_map.service import WingateMapService
 
-from .helpers import wait_for
+from .helpers import free_port, start_service, wait_for
 
 TOKEN = "test-token-123"
 LOCAL = IPv4Address("TCP", "127.0.0.1", 8785)
@@ -703,3 +703,19 @@ def test_token_never_logged(tmp_path, caplog_twisted):
     text = "\n".join(caplog_twisted)
     assert '"GET /sessions HTTP/1.1" 200' in text and '"GET / HTTP/1.1" 401' in text
     assert TOKEN not in text and base64.b64encode(f"ops:{TOKEN}".encode()).decode() not in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_service_admin_socket_is_0600(tmp_path):
+    """
+    A service configured with a Unix-socket admin API (no token) creates it mode 0600, so other
+    local users cannot kill sessions or log users in.
+    """
+    path = tmp_path / "admin.sock"
+    service, _ = start_service(f'[admin]\nlisten = "unix:{path}"\n[mappings.web]\nport = {free_port()}\nbind = "127.0.0.1"\n')
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        answer = yield unix_request(str(path), b"GET /sessions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert Response(answer).status == 200
+    finally:
+        yield service.stopService()

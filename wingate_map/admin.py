@@ -622,7 +622,6 @@ class _AdminChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        _log.info("admin: closing a connection from {peer}: no whole request within {timeout}s", peer=_address_text(self.transport.getPeer()), timeout=self.site.request_timeout)
         self.refuse(408, f"the request did not arrive within {self.site.request_timeout:g}s")
 
     def dataReceived(self, data: bytes) -> None:
@@ -672,6 +671,7 @@ class _AdminChannel(HTTPChannel):
         self._refused = True
         self._cancel_deadline()
         self.setTimeout(None)
+        _log.info("admin: answered {code} to {peer} and closed the connection: {reason}", code=code, peer=_address_text(self.transport.getPeer()), reason=message)
         body = json.dumps({"error": message}).encode() + b"\n"
         head = [
             b"HTTP/1.1 %d %s" % (code, _REASONS.get(code) or RESPONSES.get(code, b"Error")),
@@ -831,5 +831,5 @@ def listen_admin(service: Any, description: str, **limits: Any) -> IListeningPor
             "admin.token (or admin.token_file) is set: anyone who can reach it could kill sessions and log users in"
         )
     if service.worker_index == 0:
-        _log.info("admin API listening on {listen} ({address}){auth}", listen=description, address=_address_text(bound) if not isinstance(bound, UNIXAddress) else "unix socket", auth="" if service.admin_token else " (no token: loopback only)")
+        _log.info("admin API listening on {listen} ({address}){auth}", listen=description, address=_address_text(bound) if not isinstance(bound, UNIXAddress) else "unix socket", auth="" if service.admin_token else " (no token: reachable from this host only)")
     return port
