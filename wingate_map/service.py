@@ -368,20 +368,9 @@ class WingateMapService(MultiService):
         )
 
     def _open_admin(self, listen: str) -> IListeningPort:
-        from .admin import admin_site
+        from .admin import listen_admin
 
-        if listen.startswith("unix:"):
-            path = listen[len("unix:") :].split(":", 1)[0]
-            if os.path.exists(path):
-                os.unlink(path)  # left by a worker that died
-        results: list[Any] = []
-        serverFromString(self.reactor, listen).listen(admin_site(self)).addBoth(results.append)
-        if not results or isinstance(results[0], Failure):
-            why = results[0].getErrorMessage() if results else "did not listen synchronously"
-            raise WingateMapError(f"admin.listen: cannot listen on {listen}: {why}")
-        if self.worker_index == 0:
-            _log.info("admin API listening on {listen}{auth}", listen=listen, auth="" if self.admin_token else " (no token: loopback only)")
-        return results[0]
+        return listen_admin(self, listen)
 
     def reload(self) -> list[str]:
         """
