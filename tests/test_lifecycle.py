@@ -10,6 +10,7 @@ import errno
 import http.client
 import json
 import os
+import re
 import secrets
 import shlex
 import subprocess
@@ -390,3 +391,42 @@ def test_unit_removes_the_interception_table_after_kill_9(lab, tmp_path):
     assert "wingatemap" not in lab.run(gw, "nft", "list", "tables").stdout
     again = subprocess.run(lab.prefix(gw) + argv, capture_output=True, text=True)
     assert again.returncode != 0  # and the unit's "-" prefix makes that harmless
+
+
+def test_second_sigterm_with_workers(tmp_path):
+    """
+    With worker processes, a SIGTERM to every process of the service (as systemd sends it; the
+    primary also signals its workers) starts one drain in each and ends no session; a second
+    SIGTERM to the main process ends every drain at once, workers' sessions included, all with
+    reason shutdown.
+    """
+    server = listening_server()
+    port = free_port()
+    config = write_config(tmp_path, port, server.getsockname()[1], extra_service="drain_timeout = 600\nworkers = 2")
+    proc = Proc(TWISTD + ["-n", "--pidfile=", "wingatemap", "run", "--config", config], cwd=str(tmp_path))
+    clients, held = [], []
+    try:
+        worker = int(re.search(r"worker 1 started \(pid (\d+)\)", proc.wait_line(r"worker 1 started")).group(1))
+        proc.wait_count(r"mapping web: listening on", 2)
+        for _ in range(8):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            held.append(server.accept()[0])
+        for client in clients:
+            client.sendall(b"1")
+        assert [conn.recv(1) for conn in held] == [b"1"] * 8
+        for pid in (proc.popen.pid, worker):  # what systemd does: every process of the unit
+            os.kill(pid, signal.SIGTERM)
+        proc.wait_count(r"listeners closed; draining", 2)
+        for client in clients:
+            client.sendall(b"2")
+        assert [conn.recv(1) for conn in held] == [b"2"] * 8  # every session still relays
+        assert "second stop signal" not in proc.output()
+        proc.popen.send_signal(signal.SIGTERM)
+        status = proc.finish(timeout=60)
+    finally:
+        proc.stop()
+        for s in clients + held + [server]:
+            s.close()
+    assert status in (0, -signal.SIGTERM), proc.output()
+    reasons = [e["reason"] for e in audit(tmp_path) if e["event"] == "ClientDisconnect"]
+    assert reasons == ["shutdown"] * 8, proc.output()

@@ -616,9 +616,12 @@ class WingateMapService(MultiService):
         (a second SIGTERM / SIGINT does this).  Called before the drain starts, the drain will
         not wait.
         """
+        import signal
+
         self._hurry = True
         if self._pool is not None:
-            self._pool.signal("USR2")
+            # By number: Twisted's signalProcess knows only a few signal names.
+            self._pool.signal(signal.SIGUSR2)  # type: ignore[arg-type]
         if self._draining and len(self.sessions):
             _log.info("second stop signal: ending the drain now, closing {count} session(s)", count=len(self.sessions))
             self.sessions.terminate_all("shutdown")
