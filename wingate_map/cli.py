@@ -18,15 +18,21 @@ EXIT_INVALID = 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wingatemap", description="WinGate-style TCP mapping service")
+    parser.add_argument("--version", action="version", version=f"wingatemap {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run every enabled mapping (same as twistd -n wingatemap run)")
     check = commands.add_parser("check", help="validate the configuration and print listeners and mappings")
     explain = commands.add_parser("explain", help="show who CLIENT_IP is, which rule matches and why, and its destination")
     rules = commands.add_parser("intercept-rules", help="print the nftables ruleset transparent interception needs")
     sessions = commands.add_parser("sessions", help="list live sessions (through the admin API)")
-    kill = commands.add_parser("kill", help="end a live session (through the admin API)")
-    kill.add_argument("session", metavar="ID", help="the session id, as sessions lists it")
-    for sub in (sessions, kill):
+    sessions.add_argument("--json", action="store_true", help="print the admin API's JSON objects instead of a table")
+    sessions.add_argument("--mapping", metavar="NAME", help="only sessions of this mapping")
+    sessions.add_argument("--client", metavar="ADDRESS", help="only sessions of this client IP address (or network, e.g. 10.0.1.0/24)")
+    sessions.add_argument("--user", metavar="NAME", help="only sessions of this user")
+    kill = commands.add_parser("kill", help="end live sessions (through the admin API)")
+    kill.add_argument("sessions", nargs="+", metavar="ID", help="session ids, as sessions lists them")
+    reload = commands.add_parser("reload", help="ask the running service to re-read its configuration (through the admin API)")
+    for sub in (sessions, kill, reload):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file with [admin] (default ./{DEFAULT_CONFIG_PATH})")
     for sub in (run, check, explain, rules):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file (default ./{DEFAULT_CONFIG_PATH})")
@@ -34,6 +40,27 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("mapping", metavar="MAPPING", help="the mapping's name")
     explain.add_argument("client_ip", metavar="CLIENT_IP", help="the client's IP address")
     return parser
+
+
+def version() -> str:
+    """
+    The installed wingatemap's version (the checkout's pyproject.toml when not installed).
+    """
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("wingatemap")
+    except PackageNotFoundError:
+        import os
+        import re
+
+        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+        try:
+            with open(pyproject, encoding="utf-8") as f:
+                match = re.search(r'^version = "([^"]+)"', f.read(), re.MULTILINE)
+        except OSError:
+            match = None
+        return match.group(1) if match else "unknown"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -159,8 +186,10 @@ def _admin_request(config_path: str | None, method: str, path: str) -> tuple[int
         elif host == "::":
             host = "::1"
         connection = http.client.HTTPConnection(host, int(port_match.group(1)), timeout=30)
+        # The admin API accepts its own address or localhost as Host (DNS-rebinding check).
+        headers["Host"] = f"localhost:{port_match.group(1)}"
     try:
-        connection.request(method, path, headers=headers)
+        connection.request(method, path, body=b"" if method in ("POST", "PUT", "DELETE") else None, headers=headers)
         response = connection.getresponse()
         body = response.read()
     except OSError as e:
@@ -184,6 +213,16 @@ def _sessions(args: argparse.Namespace) -> int:
     if status != 200 or not isinstance(body, list):
         print(f"admin API answered {status}: {printable(body)}", file=sys.stderr)
         return 1
+    try:
+        body = [s for s in body if _selected(s, args)]
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        import json
+
+        print(json.dumps(body, indent=2))
+        return 0
     columns = ["session", "mapping", "client", "user", "destination", "duration", "from_client", "to_client"]
     rows = [columns]
     for s in body:
@@ -201,18 +240,67 @@ def _sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selected(session: dict[str, object], args: argparse.Namespace) -> bool:
+    """
+    Whether C{session} passes the C{--mapping}, C{--client} and C{--user} filters.
+    """
+    import ipaddress
+
+    if args.mapping is not None and session.get("mapping") != args.mapping:
+        return False
+    if args.user is not None and session.get("user") != args.user:
+        return False
+    if args.client is not None:
+        try:
+            network = ipaddress.ip_network(args.client, strict=False)
+        except ValueError:
+            raise ValueError(f"--client {args.client!r} is not an IP address or network") from None
+        try:
+            return ipaddress.ip_address(str(session.get("client_ip"))) in network
+        except ValueError:
+            return False
+    return True
+
+
 def _kill(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
+    from .printable import printable
+
+    failed = 0
+    for session in args.sessions:
+        try:
+            status, body = _admin_request(args.config, "DELETE", f"/sessions/{quote(session, safe='')}")
+        except (ConfigError, WingateMapError) as e:
+            print(str(e), file=sys.stderr)
+            return EXIT_INVALID
+        if status == 200:
+            print(f"killed {printable(session)}")
+            continue
+        failed += 1
+        why = body.get("error") if isinstance(body, dict) else body
+        print(f"{printable(session)}: {printable(why)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from .printable import printable
+
     try:
-        status, body = _admin_request(args.config, "DELETE", f"/sessions/{quote(args.session, safe='')}")
+        status, body = _admin_request(args.config, "POST", "/reload")
     except (ConfigError, WingateMapError) as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
     if status == 200:
-        print(f"killed {args.session}")
+        print("reloaded")
         return 0
-    print(body.get("error") if isinstance(body, dict) else body, file=sys.stderr)
+    problems = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(problems, list):
+        print("reload refused, the running configuration stays:", file=sys.stderr)
+        for problem in problems:
+            print(printable(problem), file=sys.stderr)
+    else:
+        print(f"admin API answered {status}: {printable(body)}", file=sys.stderr)
     return 1
 
 
@@ -278,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sessions(args)
     if args.command == "kill":
         return _kill(args)
+    if args.command == "reload":
+        return _reload(args)
     return _check(args)
 
 
