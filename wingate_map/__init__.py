@@ -10,6 +10,10 @@ Embedding API::
 
 Build from a file (L{service_from_file}), a string (L{service_from_string}) or objects
 (L{WingateMapService} with a L{Config} of L{Mapping} and L{Destination}).
+
+Started by twistd (a C{.tac}), the service is the whole program: SIGHUP reloads, a second
+SIGTERM ends the drain, systemd is notified.  Started by your own code (C{startService()}) it
+changes nothing process-wide unless built with C{standalone=True}.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ __all__ = [
 
 def service_from_file(path: str, **kwargs: Any) -> WingateMapService:
     """
-    A L{WingateMapService} for the configuration file at C{path} (which C{reload()} re-reads);
-    keyword arguments go to L{WingateMapService} (C{reactor}, C{sinks}, C{endpoints}...).
+    A L{WingateMapService} for the configuration file at C{path} (which C{reload()} re-reads,
+    also on SIGHUP when the service is standalone, as under twistd); keyword arguments go to
+    L{WingateMapService} (C{reactor}, C{sinks}, C{endpoints}, C{standalone}...).
 
     @raise ConfigError: the file is unreadable or invalid (every problem listed).
     """

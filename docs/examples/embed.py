@@ -49,6 +49,8 @@ def main(listen_port, dest_port, blocked_ip):
         reactor=reactor,
     )
     service.subscribe(Doorman(blocked_ip))
+    # Started by our own code, the service leaves this process's signal handling alone
+    # (standalone=True would give it SIGHUP, a second SIGTERM and systemd notification, as under twistd).
     service.startService()  # raises BindError if a listener cannot bind
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     print("ready", flush=True)
