@@ -720,7 +720,8 @@ class AdminSite(Site):
     displayTracebacks = False
 
     def __init__(self, service: Any, *, max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> None:
-        super().__init__(AdminRoot(service), timeout=idle_timeout, logFormatter=access_log_line, reactor=service.reactor)
+        # Bodies are JSON, never forms: nothing parses a form body into request.args.
+        super().__init__(AdminRoot(service), parsePOSTFormSubmission=False, timeout=idle_timeout, logFormatter=access_log_line, reactor=service.reactor)
         self.service = service
         self.max_connections = max_connections
         self.request_timeout = request_timeout
