@@ -28,7 +28,9 @@ class Metrics:
         if multiprocess_dir is not None:
             # Workers share their metrics through files in this directory
             # (prometheus_client's multiprocess mode); this process then writes its values there.
-            from prometheus_client import values
+            # multiprocess too, now: after twistd drops privileges the library's files may no
+            # longer be readable.
+            from prometheus_client import multiprocess, values  # noqa: F401
 
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
             values.ValueClass = values.MultiProcessValue()
@@ -71,7 +73,8 @@ class Metrics:
         """
         mapping, reason = event["mapping"], event["reason"]
         self._child(self.ended, mapping, reason).inc()
-        if self.multiprocess_dir is not None:
+        if self.multiprocess_dir is not None and reason != "lost":
+            # A lost session was counted live by the worker that died (process_gone drops it).
             self._active.labels(mapping).dec()
         if reason in REFUSALS:
             self._child(self.refused, mapping, reason).inc()

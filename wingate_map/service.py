@@ -39,7 +39,18 @@ from .handlers import build_handlers
 from .metrics import Metrics
 from .notify import Notifier
 from .signals import SignalHandlers
-from .workers import RUNTIME_ENV, WorkerPool, runtime_dir, worker_index, worker_socket
+from .workers import (
+    RUNTIME_ENV,
+    ResetOnDeathFactory,
+    WorkerPool,
+    hand_over,
+    reset_on_death_reactor,
+    runtime_dir,
+    session_prefix,
+    worker_index,
+    worker_link,
+    worker_socket,
+)
 from .tls import half_close_tls_factory, server_options
 
 _log = Logger()
@@ -145,7 +156,11 @@ class WingateMapService(MultiService):
         self.spawn_workers = False
         self.worker_index = worker_index()
         self._pool: WorkerPool | None = None
+        self._link: Any = None  # a worker's link to the primary (workers.WorkerLink)
         self.worker_dir: str | None = None
+        # twistd's --uid / --gid (set by the twistd plugin): what this service creates before
+        # the privilege drop (worker state, worker sockets) is given to them.
+        self.run_as: tuple[int | None, int | None] | None = None
         if config.service.workers > 1 and (self.worker_index > 0 or os.environ.get(RUNTIME_ENV)):
             self._enable_workers()
 
@@ -155,6 +170,14 @@ class WingateMapService(MultiService):
         self.worker_dir = runtime_dir()
         metrics_dir = os.path.join(self.worker_dir, "metrics")
         os.makedirs(metrics_dir, exist_ok=True)
+        if self.worker_index == 0:
+            hand_over([self.worker_dir, metrics_dir], self.run_as)
+        elif session_prefix():
+            # Session ids unique across the processes: the primary gave this worker a prefix.
+            self.sessions = SessionRegistry(prefix=session_prefix())
+        self._link = worker_link(self.reactor, self.sessions)
+        if self._link is not None:
+            self._link.setServiceParent(self)
         self.metrics = Metrics(self.sessions, multiprocess_dir=metrics_dir)
 
     @property
@@ -238,9 +261,11 @@ class WingateMapService(MultiService):
         Everything new connections of C{config} use: the event chain, each mapping's relay
         factory, and what each (mapping, intercept?) listener serves.  Reads TLS files.
         """
-        sinks = [LogSink()] + ([audit] if audit else []) + [self.metrics] + build_handlers(config.handlers, self.reactor) + self._subscribed
+        # A worker reports each session to the primary first, before any handler can delay it.
+        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + [self.metrics] + build_handlers(config.handlers, self.reactor) + self._subscribed
         events = EventHub(sinks)
-        endpoints = self._endpoints or StandardEndpointFactory(self.reactor)
+        # A worker's outgoing sockets, like its accepted ones, are reset if the worker dies.
+        endpoints = self._endpoints or StandardEndpointFactory(self.reactor if self.worker_index == 0 else reset_on_death_reactor(self.reactor))
         factories = {m.name: RelayFactory(self._runtime(config, m, events, endpoints)) for m in config.enabled_mappings()}
         targets = {}
         for name, factory in factories.items():
@@ -276,7 +301,8 @@ class WingateMapService(MultiService):
             # Every worker listens on the same address and port; the kernel spreads connections.
             try:
                 binding = makeBinding(listener.address, listener.port, reuseAddress=True, reusePort=True)
-                results.append(self.reactor.listenTCP(binding, factory, backlog=LISTEN_BACKLOG, interface=listener.address))
+                served = ResetOnDeathFactory(factory) if self.worker_index > 0 else factory
+                results.append(self.reactor.listenTCP(binding, served, backlog=LISTEN_BACKLOG, interface=listener.address))
             except CannotListenError:
                 results.append(Failure())
         else:
@@ -329,6 +355,7 @@ class WingateMapService(MultiService):
             self._apply_interception()
             if self.worker_index > 0 and self.worker_dir is not None:
                 self._admin_port = self._open_admin(f"unix:{worker_socket(self.worker_dir, self.worker_index)}:mode=600")
+                hand_over([worker_socket(self.worker_dir, self.worker_index)], self.run_as)
             elif self.config.admin is not None:
                 self._admin_port = self._open_admin(self.config.admin.listen)
         except BaseException:
@@ -358,8 +385,16 @@ class WingateMapService(MultiService):
         if self.standalone:
             self._install_signals()
         if self.worker_index == 0 and self.multi_process:
-            self._pool = WorkerPool(self.reactor, self.config.service.workers, self.worker_dir, on_exit=self.metrics.process_gone)
-            self.reactor.callWhenRunning(self._pool.start)
+            self._pool = WorkerPool(
+                self.reactor,
+                self.config.service.workers,
+                self.worker_dir,
+                on_exit=self.metrics.process_gone,
+                on_lost=lambda event: self.events.client_disconnect(event),
+            )
+            # At once: under twistd this is before the privilege drop, so the workers bind the
+            # same ports as root (SO_REUSEPORT shares a port only within one user), then drop.
+            self._pool.start()
             _log.info("starting {n} worker processes sharing the listeners (SO_REUSEPORT)", n=self.config.service.workers - 1)
         self._poller = LoopingCall(self._watch)
         self._poller.clock = self.reactor

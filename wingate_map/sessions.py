@@ -28,6 +28,7 @@ REASONS = (
     "blocked",
     "killed",
     "shutdown",
+    "lost",
 )
 
 

@@ -113,4 +113,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         standalone=True,
     )
     service.spawn_workers = True
+    twistd = getattr(options, "parent", None)  # twistd's own options, with --uid / --gid
+    if twistd is not None and (twistd.get("uid") is not None or twistd.get("gid") is not None):
+        service.run_as = (twistd.get("uid"), twistd.get("gid"))
     return service
