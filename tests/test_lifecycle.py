@@ -78,10 +78,16 @@ def watched_service(adapters: FlakyAdapters, reactor: MemoryReactorClock) -> Win
 
 
 def listening(reactor: MemoryReactorClock) -> list[str]:
+    """
+    The addresses the service listens on in C{reactor}.
+    """
     return sorted(interface for _, _, _, interface in reactor.tcpServers)
 
 
 def messages(events: list[dict]) -> list[str]:
+    """
+    Captured log events as the text they log.
+    """
     return [formatEvent(e) for e in events]
 
 
@@ -173,6 +179,10 @@ def test_healthz_reports_failing_workers():
     service = watched_service(FlakyAdapters("10.9.0.1"), reactor)
 
     class Pool:
+        """
+        A worker pool with one failing worker.
+        """
+
         def problems(self):
             return ["worker 1 exited (status 1) and is restarting"]
 
@@ -199,6 +209,9 @@ def http_get(port: int, path: str) -> tuple[int, object]:
 
 
 def listening_server() -> socket.socket:
+    """
+    A destination on a free loopback port (accept() gives up after 30 s).
+    """
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(5)
