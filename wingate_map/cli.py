@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--map", action="append", default=[], metavar="[ADDRESS:]PORT=HOST:PORT", help="a quick mapping (repeatable)")
     explain.add_argument("mapping", metavar="MAPPING", help="the mapping's name")
     explain.add_argument("client_ip", metavar="CLIENT_IP", help="the client's IP address")
+    explain.add_argument("--sni", metavar="NAME", help="the server name the client asks for in its TLS ClientHello")
+    explain.add_argument("--at", metavar="TIME", help="ask about this moment instead of now (ISO 8601, e.g. 2024-03-31T08:30, in [service] timezone)")
     return parser
 
 
@@ -343,9 +345,20 @@ def _explain(args: argparse.Namespace) -> int:
     if address is None:
         print(f"{args.client_ip!r} is not an IP address", file=sys.stderr)
         return EXIT_INVALID
-    service = MappingRuleService(mapping, IdentityResolver.of([AssumedIdentitySource(config.users)]))
-    client = ClientInfo(mapping=mapping.name, client_ip=str(address), client_port=0, local_ip="", local_port=mapping.port)
-    _, lines = service.explain(client)
+    from .schedule import load_timezone, parse_moment
+
+    tz = load_timezone(config.service.timezone)
+    at = None
+    if args.at is not None:
+        try:
+            at = parse_moment(args.at, tz)
+        except ValueError as e:
+            print(f"--at: {e}", file=sys.stderr)
+            return EXIT_INVALID
+    sni = args.sni.lower().rstrip(".") if args.sni else None
+    service = MappingRuleService(mapping, IdentityResolver.of([AssumedIdentitySource(config.users)]), tz=tz)
+    client = ClientInfo(mapping=mapping.name, client_ip=str(address), client_port=0, local_ip="", local_port=mapping.port, sni=sni)
+    _, lines = service.explain(client, at=at)
     print(f"mapping {mapping.name} (port {mapping.port}){'' if mapping.enabled else ' [disabled]'}")
     print("\n".join(lines))
     return 0

@@ -40,10 +40,10 @@ _EVENTS_KEYS = _EVENT_NAMES + ("max_running",)
 DEFAULT_MAX_RUNNING = 64
 _HANDLER_KEYS = ("run", "python", "timeout", "on_failure")
 _USER_KEYS = ("locations", "groups", "certificates")
-_RULE_KEYS = ("user", "group", "from", "not_from", "to", "action")
+_RULE_KEYS = ("user", "group", "from", "not_from", "sni", "when", "to", "action")
 RESERVED_USERS = ("guest",)
 EVERYONE = "everyone"
-_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers", "adapter_poll_interval")
+_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers", "adapter_poll_interval", "timezone")
 MAX_INTERCEPT_PORTS = 1024
 _MAPPING_KEYS = (
     "port",
@@ -60,6 +60,8 @@ _MAPPING_KEYS = (
     "proxy_protocol_from",
     "max_connections",
     "max_connections_per_client",
+    "peek_sni",
+    "peek_timeout",
 )
 _DESTINATION_KEYS = (
     "host",
@@ -161,6 +163,8 @@ class Mapping:
     intercept_transparent: bool = False
     max_connections: int = 0
     max_connections_per_client: int = 0
+    peek_sni: bool = False
+    peek_timeout: float = 2.0
 
     def ports(self) -> tuple[int, ...]:
         """
@@ -200,13 +204,16 @@ class Rule:
     not_from: tuple[Location, ...] | None = None
     to: tuple[Destination, ...] = ()
     action: str = "connect"
+    sni: tuple[str, ...] | None = None
+    when: tuple[str, ...] | None = None
 
     def conditions(self) -> str:
         """
         The conditions as the operator wrote them, e.g. C{user = alice, from = 10.0.0.0/8}.
         """
         parts = []
-        for key, values in (("user", self.users), ("group", self.groups), ("from", self.from_), ("not_from", self.not_from)):
+        conditions = (("user", self.users), ("group", self.groups), ("from", self.from_), ("not_from", self.not_from), ("sni", self.sni), ("when", self.when))
+        for key, values in conditions:
             if values is not None:
                 parts.append(f"{key} = {', '.join(str(v) for v in values)}")
         return "; ".join(parts)
@@ -261,6 +268,7 @@ class ServiceSettings:
     audit_log: str | None = None
     workers: int = 1
     adapter_poll_interval: float = 2.0
+    timezone: str | None = None
 
 
 @frozen
@@ -693,8 +701,10 @@ def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...])
                 reader.error(f"{where}.group", f"{name!r} is not a group of any user (groups: {', '.join(sorted(known_groups))}){hint}")
         from_ = reader.locations(table, "from", f"{where}.from")
         not_from = reader.locations(table, "not_from", f"{where}.not_from")
-        if all(k not in table for k in ("user", "group", "from", "not_from")):
-            reader.error(where, 'a rule needs at least one condition (user, group, from or not_from); to match every client use group = "everyone", or set the mapping\'s default')
+        sni = _read_sni_patterns(reader, table, f"{where}.sni")
+        when = _read_windows(reader, table, f"{where}.when")
+        if all(k not in table for k in ("user", "group", "from", "not_from", "sni", "when")):
+            reader.error(where, 'a rule needs at least one condition (user, group, from, not_from, sni or when); to match every client use group = "everyone", or set the mapping\'s default')
         action = table.get("action")
         to: tuple[Destination, ...] = ()
         if action is not None and action != "reject":
@@ -714,12 +724,16 @@ def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...])
             not_from=not_from,
             to=to,
             action="reject" if action == "reject" else "connect",
+            sni=sni,
+            when=when,
         )
         key = (
             frozenset(rule_users) if rule_users is not None else None,
             frozenset(rule_groups) if rule_groups is not None else None,
             frozenset(l.text for l in from_) if from_ is not None else None,
             frozenset(l.text for l in not_from) if not_from is not None else None,
+            frozenset(p.lower() for p in sni) if sni is not None else None,
+            frozenset(when) if when is not None else None,
         )
         if catch_all is not None:
             reader.warn(where, f"never matches: rule {catch_all} matches every client")
@@ -727,10 +741,39 @@ def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...])
             reader.warn(where, f"never matches: rule {seen[key]} has the same conditions")
         else:
             seen[key] = index
-        if rule_groups is not None and EVERYONE in rule_groups and rule_users is None and from_ is None and not_from is None:
+        if rule_groups is not None and EVERYONE in rule_groups and rule_users is None and from_ is None and not_from is None and sni is None and when is None:
             catch_all = index if catch_all is None else catch_all
         rules.append(rule)
     return tuple(rules)
+
+
+def _read_sni_patterns(reader: _Reader, table: dict[str, Any], path: str) -> tuple[str, ...] | None:
+    """
+    A rule's C{sni} condition: server-name patterns (exact, or a leading C{*.}).
+    """
+    from .sni import check_sni_pattern
+
+    patterns = reader.strings(table, "sni", path, "a server name pattern")
+    for index, pattern in enumerate(patterns or ()):
+        problem = check_sni_pattern(pattern)
+        if problem:
+            reader.error(f"{path}[{index}]" if isinstance(table.get("sni"), list) else path, problem)
+    return patterns
+
+
+def _read_windows(reader: _Reader, table: dict[str, Any], path: str) -> tuple[str, ...] | None:
+    """
+    A rule's C{when} condition: weekly windows, checked here, compiled by the rule service.
+    """
+    from .schedule import parse_window
+
+    windows = reader.strings(table, "when", path, "a time window")
+    for index, window in enumerate(windows or ()):
+        try:
+            parse_window(window)
+        except ValueError as e:
+            reader.error(f"{path}[{index}]" if isinstance(table.get("when"), list) else path, str(e))
+    return windows
 
 
 def _read_intercept(reader: _Reader, table: dict[str, Any], path: str, port: int) -> tuple[int, ...]:
@@ -832,6 +875,16 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
     tls = _read_server_tls(reader, table["tls"], f"{path}.tls") if "tls" in table else None
     if tls is not None and proxy_protocol:
         reader.error(f"{path}.proxy_protocol", "cannot be combined with tls on the same mapping in this version")
+    peek_sni = reader.boolean(table, "peek_sni", f"{path}.peek_sni", False)
+    peek_timeout = reader.number(table, "peek_timeout", f"{path}.peek_timeout", 2.0, 0.0, exclusive_minimum=True)
+    if "peek_timeout" in table and not peek_sni:
+        reader.error(f"{path}.peek_timeout", "is only allowed with peek_sni = true")
+    if peek_sni and tls is not None:
+        reader.error(f"{path}.peek_sni", "cannot be combined with tls: a TLS listener knows the server name from its own handshake")
+    if not peek_sni and tls is None:
+        for rule in rules:
+            if rule.sni is not None:
+                reader.error(f"{path}.rules[{rule.index}].sni", "needs peek_sni = true (or tls on the mapping): otherwise the server name is never known")
     if not port:
         return None
     return Mapping(
@@ -850,6 +903,8 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         intercept_transparent=transparent,
         max_connections=max_connections,
         max_connections_per_client=max_per_client,
+        peek_sni=peek_sni,
+        peek_timeout=peek_timeout,
     )
 
 
@@ -1036,6 +1091,15 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
     drain_timeout = reader.number(service_table, "drain_timeout", "service.drain_timeout", 30.0)
     audit_log = reader.path_value(service_table, "audit_log", "service.audit_log", parent_must_exist=True)
     workers = reader.integer(service_table, "workers", "service.workers", 1, 1, 64, "number of worker processes")
+    timezone = service_table.get("timezone")
+    if timezone is not None:
+        from .schedule import load_timezone
+
+        try:
+            load_timezone(timezone)
+        except ValueError as e:
+            reader.error("service.timezone", str(e))
+            timezone = None
 
     interfaces = []
     for adapter, usage in reader.table(data, "interfaces", "interfaces").items():
@@ -1063,7 +1127,7 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         admin=admin,
         handlers=handlers,
         max_running=max_running,
-        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll),
+        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll, timezone=timezone),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),
         users=users,

@@ -14,6 +14,8 @@ identity and cached, and the rules whose C{from} covers a client address come fr
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone, tzinfo
 from typing import Callable
 
 from attrs import field, frozen
@@ -24,6 +26,8 @@ from .config import Destination, Mapping, Rule
 from .identity import GUEST, Identity, IdentityResolver
 from .interfaces import IRuleService
 from .locations import LocationSet, RangeLists, client_address
+from .schedule import Schedule, load_timezone
+from .sni import sni_matches
 
 CONNECT = "connect"
 REJECT = "reject"
@@ -39,6 +43,7 @@ class ClientInfo:
 
     @ivar original_dst: C{ip:port} the client originally addressed (intercepted connections).
     @ivar certificate_cn: the subject CN of the client's verified TLS certificate, if any.
+    @ivar sni: the server name the client asked for in its TLS ClientHello, if known.
     """
 
     mapping: str
@@ -49,6 +54,7 @@ class ClientInfo:
     original_dst: str | None = None
     tls: bool = False
     certificate_cn: str | None = None
+    sni: str | None = None
 
 
 @frozen
@@ -73,12 +79,27 @@ class _CompiledRule:
     rule: Rule
     from_: LocationSet | None
     not_from: LocationSet | None
+    schedule: Schedule | None = None
 
     def identity_holds(self, identity: Identity) -> bool:
         rule = self.rule
         if rule.users is not None and identity.user not in rule.users:
             return False
         if rule.groups is not None and not set(rule.groups).intersection(identity.groups):
+            return False
+        return True
+
+    @property
+    def dynamic(self) -> bool:
+        """
+        Whether the rule has conditions that depend on the connection (sni) or the time (when).
+        """
+        return self.rule.sni is not None or self.schedule is not None
+
+    def dynamic_holds(self, client: ClientInfo, moment: Callable[[], datetime]) -> bool:
+        if self.rule.sni is not None and not any(sni_matches(p, client.sni) for p in self.rule.sni):
+            return False
+        if self.schedule is not None and not self.schedule.matches(moment()):
             return False
         return True
 
@@ -94,15 +115,25 @@ class MappingRuleService:
         mapping: Mapping,
         identities: IdentityResolver = IdentityResolver(),
         mac_for: Callable[[str], str | None] = neighbours.mac_for,
+        tz: tzinfo | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
+        """
+        @param tz: the zone of the rules' C{when} schedules (default: the system's).
+        @param now: the current time (POSIX seconds), for C{when}.
+        """
         self.mapping = mapping
         self.identities = identities
         self._mac_for = mac_for
+        self._now = now
+        if tz is None and any(rule.when is not None for rule in mapping.rules):
+            tz = load_timezone(None)
         self._rules = tuple(
             _CompiledRule(
                 rule,
                 LocationSet(rule.from_) if rule.from_ is not None else None,
                 LocationSet(rule.not_from) if rule.not_from is not None else None,
+                Schedule.parse(rule.when, tz) if rule.when is not None and tz is not None else None,
             )
             for rule in mapping.rules
         )
@@ -159,6 +190,19 @@ class MappingRuleService:
             return Decision(CONNECT, self.mapping.default, "default", identity)
         return Decision(NO_DESTINATION, (), None, identity)
 
+    def _moment(self, at: datetime | None = None) -> Callable[[], datetime]:
+        """
+        The moment C{when} conditions are checked at, computed at most once and only if needed.
+        """
+        found: list[datetime] = [at] if at is not None else []
+
+        def moment() -> datetime:
+            if not found:
+                found.append(datetime.fromtimestamp(self._now(), timezone.utc))
+            return found[0]
+
+        return moment
+
     def decide(self, client: ClientInfo) -> Decision:
         """
         See L{IRuleService.decide}.
@@ -168,11 +212,14 @@ class MappingRuleService:
             return self._fallback(identity)
         ip = client_address(client.client_ip)
         mac = self._mac_lookup(client.client_ip)
+        moment = self._moment()
 
         best: _CompiledRule | None = None
         # The first rule without from that holds...
         for compiled in self._static_candidates(identity):
-            if compiled.not_from is None or not compiled.not_from.contains(ip, mac):
+            if (compiled.not_from is None or not compiled.not_from.contains(ip, mac)) and (
+                not compiled.dynamic or compiled.dynamic_holds(client, moment)
+            ):
                 best = compiled
                 break
         # ...against the first earlier rule whose from covers the client and that holds.
@@ -182,7 +229,11 @@ class MappingRuleService:
             if index >= limit:
                 break
             compiled = self._rules[index]
-            if compiled.identity_holds(identity) and (compiled.not_from is None or not compiled.not_from.contains(ip, mac)):
+            if (
+                compiled.identity_holds(identity)
+                and (compiled.not_from is None or not compiled.not_from.contains(ip, mac))
+                and (not compiled.dynamic or compiled.dynamic_holds(client, moment))
+            ):
                 best, limit = compiled, index
                 break
         for compiled in self._unindexed_from:
@@ -193,6 +244,7 @@ class MappingRuleService:
                 and compiled.from_ is not None
                 and compiled.from_.contains(ip, mac)
                 and (compiled.not_from is None or not compiled.not_from.contains(ip, mac))
+                and (not compiled.dynamic or compiled.dynamic_holds(client, moment))
             ):
                 best = compiled
                 break
@@ -200,15 +252,19 @@ class MappingRuleService:
             return self._decision(best.rule, identity)
         return self._fallback(identity)
 
-    def explain(self, client: ClientInfo) -> tuple[Decision, list[str]]:
+    def explain(self, client: ClientInfo, at: datetime | None = None) -> tuple[Decision, list[str]]:
         """
-        The decision for C{client}, and every step that led to it in words.
+        The decision for C{client} (at the moment C{at}, default now), and every step that led
+        to it in words.
         """
         identity, why = self.identities.explain(client)
         lines = [f"client {client.client_ip} is {identity.user} ({identity.level}): {why}"]
         lines.append(f"groups: {', '.join(identity.groups)}")
+        if any(compiled.rule.sni is not None for compiled in self._rules):
+            lines.append(f"server name (sni): {client.sni if client.sni else 'none'}")
         ip = client_address(client.client_ip)
         mac = self._mac_lookup(client.client_ip)
+        moment = self._moment(at)
 
         decision: Decision | None = None
         for compiled in self._rules:
@@ -226,10 +282,20 @@ class MappingRuleService:
                 failed.append(f"{client.client_ip} is not in from")
             if compiled.not_from is not None and compiled.not_from.contains(ip, mac):
                 failed.append(f"{client.client_ip} is in not_from")
+            if rule.sni is not None and not any(sni_matches(p, client.sni) for p in rule.sni):
+                failed.append(f"server name {client.sni} matches none of sni" if client.sni else "no server name is known (sni)")
+            inside = None
+            if compiled.schedule is not None:
+                if not compiled.schedule.matches(moment()):
+                    failed.append(f"when: {compiled.schedule.explain(moment())}")
+                else:
+                    inside = compiled.schedule.explain(moment())
             if failed:
                 lines.append(f"  {label}: no: {'; '.join(failed)}")
             else:
                 lines.append(f"  {label}: MATCHES")
+                if inside is not None:
+                    lines.append(f"    when: {inside}")
                 decision = self._decision(rule, identity)
         if not self._rules:
             lines.append("  (the mapping has no rules)")
