@@ -68,6 +68,15 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _rule_timezone(config: Config) -> Any:
+    """
+    The zone the rules' C{when} schedules are read in: C{[service] timezone}, or the system's.
+    """
+    from .schedule import load_timezone
+
+    return load_timezone(config.service.timezone)
+
+
 def listen_description(address: str, port: int) -> str:
     """
     The Twisted server endpoint string for a listener on C{address}:C{port}.
@@ -248,7 +257,7 @@ class WingateMapService(MultiService):
         )
         return MappingRuntime(
             mapping=mapping,
-            rules=MappingRuleService(mapping, identities),
+            rules=MappingRuleService(mapping, identities, tz=_rule_timezone(config), now=self.reactor.seconds),
             endpoints=endpoints,
             events=events,
             sessions=self.sessions,
