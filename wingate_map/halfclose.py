@@ -115,6 +115,22 @@ class HalfCloseTLSProtocol(TLSMemoryBIOProtocol):
         self.disconnecting = True
         self.transport.loseConnection()
 
+    def _shutdownTLS(self) -> None:
+        """
+        Send close_notify and close the TCP connection behind it, as a TCP close sends a FIN:
+        do not wait for the peer's close_notify.  (Twisted waits for it, and a peer that
+        closed its TCP connection without one, or one that never answers, held the socket and
+        its session for ever.  RFC 8446 6.1 requires neither side to wait.)
+        """
+        if not self._half_closeable() or self._aborted:
+            return super()._shutdownTLS()
+        try:
+            self._tlsConnection.shutdown()
+        except Error:
+            pass
+        self._flushSendBIO()
+        self._close_transport()
+
     def loseConnection(self) -> None:
         if self._write_shut and not self._lostTLSConnection:
             self._close_transport()
