@@ -383,9 +383,25 @@ class Metrics(Resource):
         super().__init__()
         self.service = service
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Any) -> Any:
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.service.metrics.render()
+        # With worker processes the primary asks each of them first (metrics.exposition).
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def send(body: bytes) -> None:
+            if not gone:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.failure("admin: cannot answer /metrics", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        self.service.metrics.exposition().addCallbacks(send, failed)
+        return NOT_DONE_YET
 
 
 class Health(_Json):

@@ -217,7 +217,7 @@ class RelayProtocol(Protocol):
             self._awaiting_handshake = True
             peer_ip, peer_port = _address(self.transport.getPeer())
             self._header_timer = self.runtime.clock.callLater(
-                HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no TLS handshake within {HEADER_TIMEOUT:g}s"
+                HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no TLS handshake within {HEADER_TIMEOUT:g}s", "tls-timeout"
             )
             return
         if not mapping.proxy_protocol:
@@ -229,11 +229,11 @@ class RelayProtocol(Protocol):
         peer_ip, peer_port = _address(self.transport.getPeer())
         trusted = self.runtime.proxy_from
         if trusted is not None and not trusted.contains(client_address(peer_ip)):
-            self._drop_proxy(peer_ip, peer_port, "peer is not in proxy_protocol_from")
+            self._drop_proxy(peer_ip, peer_port, "peer is not in proxy_protocol_from", "proxy-untrusted")
             return
         self._header_reader = ProxyHeaderReader()
         self._header_timer = self.runtime.clock.callLater(
-            HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no complete PROXY header within {HEADER_TIMEOUT:g}s"
+            HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no complete PROXY header within {HEADER_TIMEOUT:g}s", "proxy-timeout"
         )
 
     def handshakeCompleted(self) -> None:
@@ -250,7 +250,7 @@ class RelayProtocol(Protocol):
         self.transport.pauseProducing()
         self._begin(_address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate))
 
-    def _drop_proxy(self, peer_ip: str, peer_port: int, why: str) -> None:
+    def _drop_proxy(self, peer_ip: str, peer_port: int, why: str, reason: str = "proxy-invalid") -> None:
         self._header_reader = None
         self._awaiting_handshake = False
         if self._header_timer is not None and self._header_timer.active():
@@ -263,6 +263,8 @@ class RelayProtocol(Protocol):
             peer_port=peer_port,
             why=why,
         )
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.not_a_session(self.runtime.mapping.name, reason)  # metrics.DROPS
         self.transport.abortConnection()
 
     def _header_data(self, data: bytes) -> None:
@@ -544,7 +546,7 @@ class RelayProtocol(Protocol):
         """
         if self.session is None:
             peer_ip, peer_port = _address(self.transport.getPeer())
-            self._drop_proxy(peer_ip, peer_port, "closed before a complete PROXY header")
+            self._drop_proxy(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
             return
         if self._client_eof:
             return
@@ -607,6 +609,8 @@ class RelayProtocol(Protocol):
                     peer_port=peer_port,
                     why=describe_tls_failure(self.transport, reason),
                 )
+                if self.runtime.metrics is not None:
+                    self.runtime.metrics.not_a_session(self.runtime.mapping.name, "tls-failed")
             self._ended = True
             return
         self._first_close = self._first_close or "client-closed"

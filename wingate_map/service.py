@@ -147,7 +147,7 @@ class WingateMapService(MultiService):
         self._poller: LoopingCall | None = None
         self._ruleset: str | None = None
         self._switches: dict[tuple[str, bool], _Switch] = {}
-        self.metrics = Metrics(self.sessions)
+        self.metrics = self._new_metrics()
         self.credentials: CredentialStore | None = None
         self._admin_port: IListeningPort | None = None
         # Whether this service is the whole program (see the class docstring); None: decided
@@ -177,17 +177,31 @@ class WingateMapService(MultiService):
         if self.worker_dir is not None:
             return
         self.worker_dir = runtime_dir()
-        metrics_dir = os.path.join(self.worker_dir, "metrics")
-        os.makedirs(metrics_dir, exist_ok=True)
         if self.worker_index == 0:
-            hand_over([self.worker_dir, metrics_dir], self.run_as)
+            hand_over([self.worker_dir], self.run_as)
         elif session_prefix():
             # Session ids unique across the processes: the primary gave this worker a prefix.
             self.sessions = SessionRegistry(prefix=session_prefix())
         self._link = worker_link(self.reactor, self.sessions)
         if self._link is not None:
             self._link.setServiceParent(self)
-        self.metrics = Metrics(self.sessions, multiprocess_dir=metrics_dir)
+        self.metrics = self._new_metrics()
+
+    def _new_metrics(self) -> Metrics:
+        """
+        This service's metrics: every enabled mapping's series from the start (also after a
+        reload); in a primary with workers, C{/metrics} merges every process's.
+        """
+        return Metrics(self.sessions, mappings=lambda: [m.name for m in self.config.enabled_mappings()], workers=self._running_workers, reactor=self._reactor)
+
+    def _running_workers(self) -> list[tuple[int, int, str]]:
+        """
+        The running worker processes (primary only): (worker number, pid, private admin socket).
+        """
+        pool, directory = self._pool, self.worker_dir
+        if pool is None or directory is None:
+            return []
+        return [(index, pid, worker_socket(directory, index)) for index, pid in sorted(pool.pids.items())]
 
     @property
     def multi_process(self) -> bool:
@@ -429,14 +443,17 @@ class WingateMapService(MultiService):
         if not self._started:
             problem = "the service is stopping: nothing to reload" if self._draining else "the service is not running: nothing to reload"
             _log.error("reload refused: {problem}", problem=problem)
+            self.metrics.reloaded(False)
             return [problem]
         if self._notifier is not None:
             self._notifier.reloading()
         try:
-            return self._reload()
+            problems = self._reload()
         finally:
             if self._notifier is not None:
                 self._notifier.ready(self._status_line())
+        self.metrics.reloaded(not problems)
+        return problems
 
     def _reload(self) -> list[str]:
         from .config import load_config, with_mappings
