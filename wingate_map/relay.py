@@ -14,6 +14,7 @@ L{IEventSink}); this module only moves bytes and keeps the session's accounts.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from attrs import define, field
@@ -77,6 +78,32 @@ def _tune(transport: Any) -> None:
                 pass
 
 
+def pending_socket_error(transport: Any) -> int:
+    """
+    The error pending on the socket under C{transport} (a TCP transport, or TLS over one): an
+    errno such as ECONNRESET, or 0 when there is none or no socket to ask.
+
+    A leg told "end of input" asks this before passing a FIN on.  Twisted's epoll reactor
+    reports an EPOLLERR/EPOLLHUP event without EPOLLIN on a socket it is reading as a clean end
+    of input (C{twisted.internet.posixbase._PollLikeMixin._doReadOrWrite}), and epoll returns
+    exactly that when it polls a socket while the kernel is still handling a RST on it: the
+    error is already set, the receive side not yet shut.  The socket is still open when
+    C{readConnectionLost} runs, and SO_ERROR tells a reset from a FIN.
+    """
+    for _ in range(4):  # the TCP transport, or the one under a TLS layer
+        get_handle = getattr(transport, "getHandle", None)
+        getsockopt = getattr(get_handle(), "getsockopt", None) if get_handle is not None else None
+        if getsockopt is not None:
+            try:
+                return getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                return 0
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            break
+    return 0
+
+
 def _address(address: Any) -> tuple[str, int]:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -130,6 +157,10 @@ class DestinationProtocol(Protocol):
         self.relay.destination_data(data)
 
     def readConnectionLost(self) -> None:
+        if pending_socket_error(self.transport):
+            # A reset the reactor reported as an end of input: it ends as a reset.
+            self.transport.abortConnection()
+            return
         self.relay.destination_eof()
 
     def writeConnectionLost(self) -> None:
@@ -549,6 +580,10 @@ class RelayProtocol(Protocol):
             self._drop_proxy(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
             return
         if self._client_eof:
+            return
+        if pending_socket_error(self.transport):
+            # A reset the reactor reported as an end of input: it ends as a reset.
+            self.transport.abortConnection()
             return
         self._client_eof = True
         self._first_close = self._first_close or "client-closed"
