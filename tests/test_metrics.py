@@ -25,6 +25,8 @@ from wingate_map.sessions import REASONS, Session
 from wingate_map.testing import RelayHarness, simple_mapping
 from wingate_map.tls import ServerTls
 
+from .helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(ROOT, "docs", "grafana", "wingatemap-dashboard.json")
 
@@ -431,3 +433,225 @@ def test_an_answer_from_a_worker_that_exited_meanwhile_is_not_counted_twice():
     late.callback(_worker_text(accepted=3, active=0, sent=0))
     assert value(result[0], "wingatemap_connections_accepted_total", mapping="m") == 2
     assert value(_scrape(primary), "wingatemap_connections_accepted_total", mapping="m") == 2
+
+
+# -- the dashboard ----------------------------------------------------------------------------------
+
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """
+    The metric names a PromQL expression selects (not functions, keywords, labels, strings,
+    ranges or dashboard variables).
+    """
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w$.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", expr):
+        if not match.group(2) and match.group(1).lower() not in _PROMQL_WORDS:
+            names.add(match.group(1))
+    return names
+
+
+def dashboard_queries() -> list[str]:
+    """
+    Every PromQL expression of the shipped dashboard: panel targets, annotations, and the
+    metric of each variable's label_values() query.
+    """
+    with open(DASHBOARD, encoding="utf-8") as f:
+        dashboard = json.load(f)
+    queries = []
+
+    def panels(items):
+        for panel in items:
+            yield panel
+            yield from panels(panel.get("panels", []))
+
+    for panel in panels(dashboard["panels"]):
+        queries += [target["expr"] for target in panel.get("targets", [])]
+    queries += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    for variable in dashboard["templating"]["list"]:
+        query = variable.get("query")
+        text = query.get("query", "") if isinstance(query, dict) else ""
+        match = re.match(r"label_values\((.*),\s*\w+\)$", text)
+        if match:
+            queries.append(match.group(1))
+    return queries
+
+
+def test_promql_metric_names_are_read_correctly():
+    """
+    The dashboard check reads metric names out of PromQL as Prometheus would: suffixes kept,
+    functions, aggregation clauses, label matchers, ranges and variables left out.
+    """
+    expr = 'histogram_quantile(0.9, sum by (le, mapping) (rate(wingatemap_connect_latency_seconds_bucket{mapping=~"$mapping", le!="x y"}[$__rate_interval]))) / on(instance) group_left sum without (job) (up) * 8 + time() - max(wingatemap_x_total offset 5m)'
+    assert promql_metric_names(expr) == {"wingatemap_connect_latency_seconds_bucket", "up", "wingatemap_x_total"}
+
+
+def assert_dashboard_matches(exposition: str) -> None:
+    """
+    Every metric name a dashboard query uses is exported by this live exposition, and the
+    dashboard covers connections, refusals, connections that never became sessions, bytes,
+    connect latency and reloads.
+    """
+    exported = {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}
+    used: set[str] = set()
+    for query in dashboard_queries():
+        names = promql_metric_names(query)
+        assert names, f"no metric in dashboard query {query!r}"
+        missing = names - exported
+        assert not missing, f"dashboard query {query!r} uses {sorted(missing)}, not in /metrics"
+        used |= names
+    assert {
+        "wingatemap_connections_accepted_total",
+        "wingatemap_connections_active",
+        "wingatemap_connections_refused_total",
+        "wingatemap_connections_dropped_total",
+        "wingatemap_bytes_total",
+        "wingatemap_connect_latency_seconds_bucket",
+        "wingatemap_reloads_total",
+        "wingatemap_last_reload_success_timestamp_seconds",
+    } <= used
+
+
+# -- real processes -------------------------------------------------------------------------------
+
+
+def _scrape_live(admin: int) -> str:
+    from .test_operations import api
+
+    status, text = api(admin, "GET", "/metrics")
+    assert status == 200, text
+    return text
+
+
+def test_live_metrics_of_a_running_service_and_the_dashboard(tmp_path):
+    """
+    A running wingatemap: every enabled mapping's series exist at 0 before any connection and
+    the dashboard's every query names a metric /metrics exports; a session's bytes show while
+    it runs and count once after it ends; a bad PROXY header and a failed client TLS
+    handshake are counted as connections that never became sessions; reloads are counted
+    (applied and refused), a mapping a reload adds has its series at once, and only an
+    applied reload moves the last-reload time.
+    """
+    from .pki import PKI
+    from .test_operations import TOKEN, EchoServer, api, connect, start
+
+    echo = EchoServer()
+    web, proxied, secure, admin = (free_port() for _ in range(4))
+    cert, key = PKI(tmp_path).issue("gw", "localhost", names=("127.0.0.1",))
+
+    def config(extra: str = "") -> str:
+        return (
+            f'[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\ntoken = "{TOKEN}"\n'
+            f'[mappings.web]\nport = {web}\nbind = "127.0.0.1"\ndefault = "127.0.0.1:{echo.port}"\n'
+            f'[mappings.proxied]\nport = {proxied}\nbind = "127.0.0.1"\nproxy_protocol = true\ndefault = "127.0.0.1:{echo.port}"\n'
+            f'[mappings.secure]\nport = {secure}\nbind = "127.0.0.1"\ntls = {{ cert = "{cert}", key = "{key}" }}\ndefault = "127.0.0.1:{echo.port}"\n'
+            f'[mappings.off]\nport = {free_port()}\nbind = "127.0.0.1"\nenabled = false\ndefault = "127.0.0.1:{echo.port}"\n' + extra
+        )
+
+    proc, path = start(tmp_path, config())
+    try:
+        proc.wait_line(r"admin API listening")
+        text = _scrape_live(admin)
+        for mapping in ("web", "proxied", "secure"):
+            assert value(text, "wingatemap_connections_accepted_total", mapping=mapping) == 0
+            assert value(text, "wingatemap_bytes_total", mapping=mapping, direction="to_client") == 0
+            assert value(text, "wingatemap_connections_dropped_total", mapping=mapping, reason="tls-failed") == 0
+        assert value(text, "wingatemap_connections_accepted_total", mapping="off") is None
+        assert_dashboard_matches(text)
+        started = value(text, "wingatemap_last_reload_success_timestamp_seconds")
+
+        client = connect(web)
+        client.sendall(b"x" * 1000)
+        received = 0
+        while received < 1000:
+            received += len(client.recv(65536))
+        text = _scrape_live(admin)  # the session is still open
+        assert value(text, "wingatemap_bytes_total", mapping="web", direction="from_client") == 1000
+        assert value(text, "wingatemap_bytes_total", mapping="web", direction="to_client") == 1000
+        assert value(text, "wingatemap_connections_active", mapping="web") == 1
+        client.close()
+        proc.wait_line(r"ClientDisconnect")
+        text = _scrape_live(admin)
+        assert value(text, "wingatemap_bytes_total", mapping="web", direction="from_client") == 1000
+        assert value(text, "wingatemap_connections_active", mapping="web") == 0
+        assert value(text, "wingatemap_sessions_ended_total", mapping="web", reason="client-closed") == 1
+
+        bad = connect(proxied)
+        bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        proc.wait_line(r"mapping proxied: closed connection from 127\.0\.0\.1")
+        plain = connect(secure)
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        proc.wait_line(r"mapping secure: TLS handshake with 127\.0\.0\.1:\d+ failed")
+        bad.close()
+        plain.close()
+        text = _scrape_live(admin)
+        assert value(text, "wingatemap_connections_dropped_total", mapping="proxied", reason="proxy-invalid") == 1
+        assert value(text, "wingatemap_connections_dropped_total", mapping="secure", reason="tls-failed") == 1
+        assert value(text, "wingatemap_connections_accepted_total", mapping="proxied") == 0
+
+        path.write_text(config(f'[mappings.added]\nport = {free_port()}\nbind = "127.0.0.1"\ndefault = "127.0.0.1:{echo.port}"\n'))
+        assert api(admin, "POST", "/reload") == (200, {"reloaded": True})
+        text = _scrape_live(admin)
+        assert value(text, "wingatemap_reloads_total", result="success") == 1
+        assert value(text, "wingatemap_connections_accepted_total", mapping="added") == 0
+        applied = value(text, "wingatemap_last_reload_success_timestamp_seconds")
+        assert applied >= started
+        path.write_text("[mappings.broken]\nport = 0\n")
+        assert api(admin, "POST", "/reload")[0] == 400
+        text = _scrape_live(admin)
+        assert value(text, "wingatemap_reloads_total", result="failure") == 1
+        assert value(text, "wingatemap_last_reload_success_timestamp_seconds") == applied
+    finally:
+        proc.stop()
+        echo.close()
+    assert "Traceback" not in proc.output()
+
+
+def test_with_workers_the_primary_merges_every_process_and_never_goes_back(tmp_path):
+    """
+    workers = 2 under twistd: the primary's /metrics counts the sessions and live bytes of
+    both processes, labels each process's process_* series with its worker number, shows one
+    build info, and matches the dashboard; when the worker is killed, no counter goes down
+    (its sessions end once as lost, their bytes not counted again) and the live-session gauge
+    drops them, also after the worker is restarted.
+    """
+    from .test_workers import _Gateway
+
+    gateway = _Gateway(tmp_path)
+    try:
+        clients, on_worker = gateway.clients, gateway.on_worker
+        for c in clients:
+            c.sendall(b"abc")
+            assert c.recv(3) == b"abc"
+        text = _scrape_live(gateway.admin)
+        assert value(text, "wingatemap_connections_accepted_total", mapping="m") == len(clients)
+        assert value(text, "wingatemap_connections_active", mapping="m") == len(clients)
+        assert value(text, "wingatemap_bytes_total", mapping="m", direction="from_client") == 3 * len(clients)
+        assert value(text, "wingatemap_bytes_total", mapping="m", direction="to_client") == 5 * len(clients)  # "hi" + the echo
+        assert value(text, "process_cpu_seconds_total", worker="0") is not None
+        assert value(text, "process_cpu_seconds_total", worker="1") is not None
+        assert len([k for k in samples(text) if k[0] == "wingatemap_build_info"]) == 1
+        assert_dashboard_matches(text)
+        before = samples(text)
+
+        os.kill(gateway.worker, signal.SIGKILL)
+        gateway.proc.wait_line(rf"worker 1 ended with {len(on_worker)} live session\(s\); ending them with reason lost")
+        for attempt in range(2):
+            after = samples(_scrape_live(gateway.admin))
+            for key, old in before.items():
+                name = key[0]
+                if name.endswith(("_total", "_bucket", "_count", "_sum")) and not name.startswith("process_"):
+                    assert after.get(key, 0) >= old, (key, old, after.get(key))
+            assert after[("wingatemap_bytes_total", (("direction", "from_client"), ("mapping", "m")))] == 3 * len(clients)
+            assert after[("wingatemap_sessions_ended_total", (("mapping", "m"), ("reason", "lost")))] == len(on_worker)
+            assert after[("wingatemap_connections_active", (("mapping", "m"),))] == len(clients) - len(on_worker)
+            gateway.proc.wait_count(r"Site starting on .*worker-1\.sock", 2)  # restarted; scrape once more
+            before = after
+    finally:
+        gateway.close()
+    assert "Traceback" not in gateway.proc.output()
