@@ -1,6 +1,7 @@
 """
 The admin API (twisted.web): live sessions, kill, Prometheus metrics, health, reload, logins for
-client addresses, and a live activity page for a person.
+client addresses, and a live activity page for a person with the summary it polls
+(C{GET /activity.json}, built in L{wingate_map.activity}).
 
 Authentication (SPEC §4): when a token is set, every path but C{/healthz} needs
 C{Authorization: Bearer TOKEN} (scheme in any case) or HTTP Basic with the token as the password
@@ -44,7 +45,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import provider
 
-from .activity import ACTIVITY_PAGE
+from .activity import ACTIVITY_PAGE, MAX_LIMIT, ActivityQuery, merge, session_json, summarise
 from .errors import WingateMapError
 from .printable import printable
 
@@ -234,15 +235,6 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
-def _session_json(session: Any, now: float) -> dict[str, Any]:
-    fields = session.fields("ClientConnect", session.started)
-    del fields["event"]
-    fields["bytes_from_client"] = session.bytes_from_client
-    fields["bytes_to_client"] = session.bytes_to_client
-    fields["duration"] = round(max(0.0, now - session.started), 3)
-    return fields
-
-
 def json_body(request: Any) -> Any:
     """
     The request body as JSON (an empty body as C{{}}).
@@ -307,6 +299,41 @@ def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes, body
     return d.addCallback(got).addBoth(settled)
 
 
+def _ask_workers(service: Any, path: bytes, kind: type) -> Deferred[list[Any]]:
+    """
+    C{GET path} from every worker process: the JSON bodies of those that answered 200 with a
+    C{kind} (a worker that did not answer is logged and left out).
+    """
+    asked = [_ask_worker(service.reactor, socket_path, b"GET", path) for socket_path in service.worker_sockets()]
+
+    def answered(results: list[tuple[bool, Any]]) -> list[Any]:
+        bodies = []
+        for ok, answer in results:
+            if ok and answer[0] == 200 and isinstance(answer[1], kind):
+                bodies.append(answer[1])
+            elif not ok:
+                _log.warn("admin: a worker did not answer: {why}", why=answer.getErrorMessage())
+        return bodies
+
+    return DeferredList(asked, consumeErrors=True).addCallback(answered)
+
+
+def _reply_later(resource: "_Json", request: Any, body: Deferred[Any]) -> Any:
+    """
+    Answer C{request} with 200 and the JSON C{body} fires with, unless the client has gone.
+    """
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def send(answer: Any) -> None:
+        if not gone:
+            request.write(resource.reply(request, 200, answer))
+            request.finish()
+
+    body.addCallback(send).addErrback(lambda f: _log.failure("admin: cannot answer {path}", f, path=_printable(request.path)))
+    return NOT_DONE_YET
+
+
 class Sessions(_Json):
     """
     C{GET /sessions}, C{DELETE /sessions/ID}; with worker processes, over all of them.
@@ -316,24 +343,11 @@ class Sessions(_Json):
         if request.postpath and request.postpath != [b""]:
             return self.reply(request, 404, {"error": "no such resource"})
         now = self.service.reactor.seconds()
-        own = [_session_json(s, now) for s in self.service.sessions.live()]
-        workers = self.service.worker_sockets()
-        if not workers:
+        own = [session_json(s, now) for s in self.service.sessions.live()]
+        if not self.service.worker_sockets():
             return self.reply(request, 200, own)
-        asked = [_ask_worker(self.service.reactor, path, b"GET", b"/sessions") for path in workers]
-
-        def combine(results: list[tuple[bool, Any]]) -> None:
-            combined = list(own)
-            for ok, answer in results:
-                if ok and answer[0] == 200 and isinstance(answer[1], list):
-                    combined.extend(answer[1])
-                elif not ok:
-                    _log.warn("admin: a worker did not answer: {why}", why=answer.getErrorMessage())
-            request.write(self.reply(request, 200, combined))
-            request.finish()
-
-        DeferredList(asked, consumeErrors=True).addCallback(combine)
-        return NOT_DONE_YET
+        combined = _ask_workers(self.service, b"/sessions", list).addCallback(lambda lists: own + [s for answer in lists for s in answer])
+        return _reply_later(self, request, combined)
 
     def render_DELETE(self, request: Any) -> Any:
         if len(request.postpath) != 1 or not request.postpath[0]:
@@ -370,6 +384,44 @@ class Sessions(_Json):
 def _peer(request: Any) -> str:
     address = request.getClientAddress()
     return getattr(address, "host", None) or "a local client"
+
+
+class ActivitySummary(_Json):
+    """
+    C{GET /activity.json}: what the activity page polls, per mapping totals (live sessions,
+    accepted, refused and dropped by reason, bytes each way) and one page of the live sessions,
+    sorted, filtered and paged here (see L{ActivityQuery} for the parameters; a bad one gets 400
+    naming it).  With worker processes each answers for its own sessions and counters up to the
+    end of the page, and the answers are merged.
+    """
+
+    def render_GET(self, request: Any) -> Any:
+        if request.postpath and request.postpath != [b""]:
+            return self.reply(request, 404, {"error": "no such resource"})
+        service = self.service
+        try:
+            # The primary asks its workers for whole windows (offset + limit sessions).
+            query = ActivityQuery.from_args(request.args, max_limit=MAX_LIMIT if service.worker_index == 0 else None)
+        except ValueError as e:
+            return self.reply(request, 400, {"error": str(e)})
+        workers = service.worker_sockets()
+        own = summarise(
+            service.sessions.live(),
+            query.window() if workers else query,
+            service.reactor.seconds(),
+            metrics=service.metrics,
+            mappings=[mapping.name for mapping in service.config.enabled_mappings()],
+        )
+        if not workers:
+            return self.reply(request, 200, own)
+
+        def combine(answers: list[Any]) -> dict[str, Any]:
+            summary = merge([own, *answers], query)
+            summary["workers"] = {"asked": len(workers), "answered": len(answers)}
+            return summary
+
+        answers = _ask_workers(service, b"/activity.json?" + query.window().query_string(), dict)
+        return _reply_later(self, request, answers.addCallback(combine))
 
 
 class Metrics(Resource):
@@ -506,6 +558,7 @@ class AdminRoot(Resource):
         self.service = service
         self.children_by_name = {
             b"sessions": Sessions(service),
+            b"activity.json": ActivitySummary(service),
             b"metrics": Metrics(service),
             b"healthz": Health(service),
             b"reload": Reload(service),
