@@ -301,8 +301,8 @@ def test_needs_the_token():
 def test_workers_answers_are_merged(tmp_path):
     """
     With worker processes the primary asks each worker for its sessions up to the end of the
-    page, merges them in the sort order and cuts the page; totals and counts add up.  A worker
-    that does not answer is left out, and the answer says how many answered.
+    page (however deep), merges them in the sort order and cuts the page; totals and counts add
+    up.  A worker that does not answer is left out, and the answer says how many answered.
     """
     primary = WingateMapService(parse_config(CONFIG), reactor=reactor)
     worker = WingateMapService(parse_config(CONFIG), reactor=reactor)
@@ -329,5 +329,13 @@ def test_workers_answers_are_merged(tmp_path):
         yield req.notifyFinish()
         answer = json.loads(b"".join(req.written))
         assert answer["workers"] == {"asked": 2, "answered": 1} and answer["total"] == 5
+        # A deep page: the worker is asked for more than MAX_LIMIT sessions, and gives them.
+        primary.worker_sockets = lambda: [path]
+        req = request(sort="client", limit=str(MAX_LIMIT), offset="3")
+        getChildForRequest(AdminRoot(primary), req).render(req)
+        yield req.notifyFinish()
+        answer = json.loads(b"".join(req.written))
+        assert answer["workers"] == {"asked": 1, "answered": 1}
+        assert ids(answer) == [mine[1].id, theirs[2].id]  # 10.0.0.4 and 10.0.0.5
     finally:
         yield port.stopListening()
