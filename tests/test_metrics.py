@@ -530,8 +530,9 @@ def _scrape_live(admin: int) -> str:
 
 def test_live_metrics_of_a_running_service_and_the_dashboard(tmp_path):
     """
-    A running wingatemap: every enabled mapping's series exist at 0 before any connection and
-    the dashboard's every query names a metric /metrics exports; a session's bytes show while
+    A running wingatemap: every enabled mapping's series exist at 0 before any connection, the
+    dashboard's every query names a metric /metrics exports, and the reference lists exactly
+    the metrics it exports; a session's bytes show while
     it runs and count once after it ends; a bad PROXY header and a failed client TLS
     handshake are counted as connections that never became sessions; reloads are counted
     (applied and refused), a mapping a reload adds has its series at once, and only an
@@ -563,6 +564,7 @@ def test_live_metrics_of_a_running_service_and_the_dashboard(tmp_path):
             assert value(text, "wingatemap_connections_dropped_total", mapping=mapping, reason="tls-failed") == 0
         assert value(text, "wingatemap_connections_accepted_total", mapping="off") is None
         assert_dashboard_matches(text)
+        assert_reference_matches(text)
         started = value(text, "wingatemap_last_reload_success_timestamp_seconds")
 
         client = connect(web)
@@ -616,7 +618,7 @@ def test_with_workers_the_primary_merges_every_process_and_never_goes_back(tmp_p
     """
     workers = 2 under twistd: the primary's /metrics counts the sessions and live bytes of
     both processes, labels each process's process_* series with its worker number, shows one
-    build info, and matches the dashboard; when the worker is killed, no counter goes down
+    build info, and matches the dashboard and the reference; when the worker is killed, no counter goes down
     (its sessions end once as lost, their bytes not counted again) and the live-session gauge
     drops them, also after the worker is restarted.
     """
@@ -637,6 +639,7 @@ def test_with_workers_the_primary_merges_every_process_and_never_goes_back(tmp_p
         assert value(text, "process_cpu_seconds_total", worker="1") is not None
         assert len([k for k in samples(text) if k[0] == "wingatemap_build_info"]) == 1
         assert_dashboard_matches(text)
+        assert_reference_matches(text)
         before = samples(text)
 
         os.kill(gateway.worker, signal.SIGKILL)
@@ -655,3 +658,26 @@ def test_with_workers_the_primary_merges_every_process_and_never_goes_back(tmp_p
     finally:
         gateway.close()
     assert "Traceback" not in gateway.proc.output()
+
+
+def documented_metrics() -> set[str]:
+    """
+    The metric names in the first column of docs/reference.md's metrics table.
+    """
+    with open(os.path.join(ROOT, "docs", "reference.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([a-z_]+)`", line.split(" | ", 1)[0]))
+    return names
+
+
+def assert_reference_matches(exposition: str) -> None:
+    """
+    docs/reference.md lists exactly the metrics a live /metrics exports (by their TYPE names).
+    """
+    exported = set(re.findall(r"^# TYPE (\S+) ", exposition, re.MULTILINE))
+    documented = documented_metrics()
+    assert sorted(exported - documented) == [], "exported but not in docs/reference.md"
+    assert sorted(documented - exported) == [], "in docs/reference.md but not exported"

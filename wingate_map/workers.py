@@ -8,8 +8,8 @@ so that they can bind the same ports and then drop to the same C{--uid}/C{--gid}
 that dies, forwards SIGHUP (reload) to them, and at shutdown stops them and waits for their
 drains.  Only the primary installs the interception table and serves the admin API; each worker
 serves a private admin API on a Unix socket in a directory only the run-as user can read, which
-the primary queries to show (and kill) every process's sessions in one view.  Metrics are shared
-through prometheus_client's multiprocess mode.
+the primary queries to show (and kill) every process's sessions in one view, and for each
+process's metrics, which its C{/metrics} adds up (see metrics.py).
 
 What ties a worker to the primary (L{WorkerLink} in the worker, L{WorkerPool} in the primary):
 
@@ -92,7 +92,7 @@ def worker_index() -> int:
 
 def runtime_dir() -> str:
     """
-    The private directory the processes share (worker sockets, metrics), made by the primary.
+    The private directory the processes share (worker sockets, logins), made by the primary.
     """
     existing = os.environ.get(RUNTIME_ENV)
     if existing:
@@ -642,7 +642,7 @@ class WorkerPool:
 
     def ended(self, child: _Child, reason: Any) -> None:
         """
-        Worker C{child} exited: forget its metrics, end its sessions (reason C{lost}), and
+        Worker C{child} exited: tell the metrics (C{on_exit}), end its sessions (reason C{lost}), and
         restart it unless stopping.
         """
         index = child.index
