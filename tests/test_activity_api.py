@@ -107,6 +107,9 @@ def get(service, path: str = "activity.json", **args: str) -> tuple[int, object,
 
 
 def ids(answer) -> list[str]:
+    """
+    The session ids of an answer's page, in order.
+    """
     return [s["session"] for s in answer["sessions"]]
 
 

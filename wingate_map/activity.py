@@ -60,6 +60,9 @@ def _ip_key(text: str) -> tuple[int, bytes]:
 
 
 def _user_key(user: str | None) -> str:
+    """
+    A sort key for a user name: any case, no user first.
+    """
     return "" if user is None else user.casefold()
 
 
