@@ -122,7 +122,6 @@ class Metrics:
     @ivar mappings: every mapping that has its series (in order of appearance).
     @ivar bytes: bytes of the sessions that have ended, by mapping and direction (a counter
         outside the registry: the exposed C{wingatemap_bytes_total} adds the live sessions').
-    @ivar multiprocess_dir: always L{None} (no prometheus_client multiprocess files any more).
     """
 
     def __init__(
@@ -151,7 +150,6 @@ class Metrics:
         self._now = now
         self._fetch = fetch or fetch_metrics
         self.mappings: dict[str, None] = {}
-        self.multiprocess_dir: str | None = None
         self._ended: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
         self._snapshots: dict[int, tuple[int, list[Metric]]] = {}  # pid -> (worker, families)
