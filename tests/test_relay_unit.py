@@ -4,12 +4,13 @@ The relay in memory: what a client and its destination see, and what the events 
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, TimeoutError
 from twisted.python.failure import Failure
 
-from wingate_map.config import Destination
-from wingate_map.testing import RelayHarness, simple_mapping
+from wingate_map.config import Destination, parse_config
+from wingate_map.testing import RecordingSink, RelayHarness, simple_mapping
 
 DEST = Destination(host="192.0.2.10", port=80)
 DEST2 = Destination(host="192.0.2.11", port=80)
@@ -314,3 +315,201 @@ def test_duration_uses_the_clock():
     client.connectionLost()
     attempt.close()
     assert harness.sink.of("ClientDisconnect")[0]["duration"] == 2.5
+
+
+# -- a half-close before the destination is ready ----------------------------------------------
+
+
+def test_half_close_while_deciding_is_passed_on_once_connected():
+    """
+    A client that sends its request and half-closes while its destination is still being
+    chosen (as a TLS client's close_notify arrives with its first bytes) is not closed: the
+    request and then the FIN reach the destination once it is connected, and the answer
+    reaches the client.
+    """
+    harness = RelayHarness(simple_mapping(DEST))
+    harness.sink.allow = Deferred()
+    client, client_t = harness.accept()
+    client.dataReceived(b"request")
+    client.readConnectionLost()
+    assert not client_t.disconnecting
+    harness.sink.allow.callback(True)
+    attempt = harness.endpoints.attempts[0]
+    attempt.succeed()
+    assert attempt.transport.value() == b"request" and attempt.transport.write_closed
+    attempt.protocol.dataReceived(b"answer")
+    assert client_t.value() == b"answer" and not client_t.disconnecting
+    attempt.protocol.readConnectionLost()
+    assert client_t.disconnecting
+    attempt.close()
+    client.connectionLost()
+    [event] = harness.sink.of("ClientDisconnect")
+    assert event["reason"] == "client-closed"
+    assert (event["bytes_from_client"], event["bytes_to_client"]) == (7, 6)
+
+
+def test_half_close_while_connecting_is_passed_on_once_connected():
+    """
+    A client that half-closes while its destination is being connected is not closed; its
+    request and FIN are passed on when the destination connects, and reading is not resumed
+    on a client that has finished sending.
+    """
+    harness = RelayHarness(simple_mapping(DEST))
+    client, client_t = harness.accept()
+    attempt = harness.endpoints.attempts[0]
+    client.dataReceived(b"request")
+    client.readConnectionLost()
+    assert not client_t.disconnecting
+    attempt.succeed()
+    assert attempt.transport.value() == b"request" and attempt.transport.write_closed
+    assert client_t.producerState == "paused"
+    attempt.protocol.dataReceived(b"answer")
+    assert client_t.value() == b"answer"
+
+
+def test_half_close_then_no_destination_reachable_closes_the_client():
+    """
+    A client that half-closed while connecting is closed when no destination can be reached.
+    """
+    harness = RelayHarness(simple_mapping(DEST))
+    client, client_t = harness.accept()
+    client.readConnectionLost()
+    harness.endpoints.attempts[0].fail()
+    assert client_t.disconnecting
+    client.connectionLost()
+    assert harness.sink.of("ClientDisconnect")[0]["reason"] == "connect-failed"
+
+
+# -- limits and refusals before the handlers ---------------------------------------------------
+
+
+class HandlerSink(RecordingSink):
+    """
+    Stands for a configured handler: it does not hear sessions refused before the handlers.
+    """
+
+    hears_refused = False
+
+
+def harness_with_handler(mapping):
+    harness = RelayHarness(mapping)
+    handler = HandlerSink()
+    harness.factory.runtime.events.subscribe(handler)
+    return harness, handler
+
+
+REFUSED_MAPPINGS = {
+    "limit": "max_connections = 1\ndefault = \"192.0.2.10:80\"",
+    "rejected": "default = \"192.0.2.10:80\"\n[[mappings.m.rules]]\nfrom = [\"127.0.0.0/8\"]\naction = \"reject\"",
+    "no-destination": "",
+}
+
+
+@pytest.mark.parametrize("reason", sorted(REFUSED_MAPPINGS))
+def test_refused_sessions_have_both_events_but_no_handler_hears_them(reason):
+    """
+    A session refused before the handlers (over a limit, rejected, no destination) gets its
+    ClientConnect and ClientDisconnect on the other sinks, while the handlers hear neither.
+    """
+    mapping = parse_config(f"[mappings.m]\nport = 8080\n{REFUSED_MAPPINGS[reason]}\n").mapping("m")
+    harness, handler = harness_with_handler(mapping)
+    if reason == "limit":
+        harness.accept(client_port=1)
+        harness.endpoints.attempts[0].succeed()
+    client, client_t = harness.accept(client_port=2)
+    assert client_t.disconnecting
+    client.connectionLost()
+    refused = [e for e in harness.sink.events if e["client_port"] == 2]
+    assert [(e["event"], e.get("reason")) for e in refused] == [("ClientConnect", None), ("ClientDisconnect", reason)]
+    assert [e for e in handler.events if e["client_port"] == 2] == []
+
+
+def test_handlers_hear_sessions_they_block_and_failed_connections():
+    """
+    Sessions that were offered to the handlers (blocked by a sink, or failing to connect
+    after being allowed) are heard by the handlers from start to end.
+    """
+    harness, handler = harness_with_handler(simple_mapping(DEST))
+    client, client_t = harness.accept()
+    harness.endpoints.attempts[0].fail()
+    client.connectionLost()
+    handler.allow = False
+    client, client_t = harness.accept()
+    client.connectionLost()
+    assert [(e["event"], e.get("reason")) for e in handler.events] == [
+        ("ClientConnect", None), ("ClientDisconnect", "connect-failed"), ("ClientConnect", None), ("ClientDisconnect", "blocked"),
+    ]
+
+
+def test_rule_service_failure_still_gives_both_events():
+    """
+    When the rule service fails, the session gets ClientConnect and ClientDisconnect
+    (no-destination), and no handler hears it.
+    """
+
+    class Broken:
+        def decide(self, client):
+            raise RuntimeError("rules exploded")
+
+    harness = RelayHarness(simple_mapping(DEST), rules=Broken())
+    handler = HandlerSink()
+    harness.factory.runtime.events.subscribe(handler)
+    client, client_t = harness.accept()
+    client.connectionLost()
+    assert [(e["event"], e.get("reason")) for e in harness.sink.events] == [("ClientConnect", None), ("ClientDisconnect", "no-destination")]
+    assert handler.events == []
+
+
+# -- pending connections count against the limits ---------------------------------------------
+
+
+def pending_mapping(extra):
+    return parse_config(f"[mappings.m]\nport = 8080\nproxy_protocol = true\ndefault = \"192.0.2.10:80\"\n{extra}\n").mapping("m")
+
+
+def test_pending_connections_count_for_their_peer():
+    """
+    With max_connections_per_client = 1, a peer still sending its PROXY header holds its one
+    connection: its further connections are closed at once (no session, no event), and the
+    first becomes a session once its header arrives.
+    """
+    harness = RelayHarness(pending_mapping("max_connections_per_client = 1"))
+    first, first_t = harness.accept(client_port=1)
+    others = [harness.accept(client_port=2 + i) for i in range(5)]
+    assert not first_t.aborted and all(t.aborted for _, t in others)
+    for protocol, _ in others:
+        protocol.connectionLost()
+    assert harness.sink.events == [] and harness.sessions.connections("m") == 1
+    first.dataReceived(b"PROXY TCP4 10.1.2.3 10.0.0.1 4000 8080\r\n")
+    assert [e["client_ip"] for e in harness.sink.of("ClientConnect")] == ["10.1.2.3"]
+    assert harness.sessions.connections("m") == 1 and harness.sessions.connections("m", "127.0.0.5") == 0
+
+
+def test_trusted_proxy_pending_connections_count_only_for_the_mapping():
+    """
+    Connections from a trusted PROXY sender (proxy_protocol_from) are not counted against that
+    sender's per-client limit while their headers arrive, but max_connections counts them.
+    """
+    harness = RelayHarness(pending_mapping('proxy_protocol_from = ["127.0.0.5"]\nmax_connections_per_client = 1\nmax_connections = 3'))
+    accepted = [harness.accept(client_port=1 + i) for i in range(4)]
+    assert [t.aborted for _, t in accepted] == [False, False, False, True]
+    accepted[3][0].connectionLost()
+    for i, (protocol, _) in enumerate(accepted[:3]):
+        protocol.dataReceived(b"PROXY TCP4 10.1.2.%d 10.0.0.1 4000 8080\r\n" % (i + 1))
+    assert len(harness.sink.of("ClientConnect")) == 3 and harness.sink.of("ClientDisconnect") == []
+
+
+def test_a_pending_connection_that_ends_stops_counting():
+    """
+    A pending connection that closes, or whose header times out, no longer counts.
+    """
+    harness = RelayHarness(pending_mapping("max_connections = 1"))
+    first, _ = harness.accept(client_port=1)
+    first.connectionLost()
+    assert harness.sessions.connections("m") == 0
+    second, second_t = harness.accept(client_port=2)
+    harness.clock.advance(60)
+    assert second_t.aborted
+    second.connectionLost()
+    third, third_t = harness.accept(client_port=3)
+    assert not third_t.aborted and harness.sessions.connections("m") == 1

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from wingate_map.testing import RecordingSink
 
-from .helpers import PeerFactory, free_port, open_fds, start_service, wait_for
+from .helpers import Peer, PeerFactory, free_port, open_fds, start_service, wait_for
 from .pki import PKI
 from .test_integration import listen, reactor
 
@@ -238,6 +238,40 @@ def test_one_attempt_over_the_client_limit_does_not_lock_the_client_out(pki):
         servers.peers[1].transport.loseConnection()
         yield third.lost
         yield wait_for(lambda: len(service.sessions) == 0)
+    finally:
+        yield service.stopService()
+        yield dest.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_half_close_while_the_destination_is_chosen(pki):
+    """
+    A TLS client that sends its request and half-closes (close_notify) right after its
+    handshake, while the ClientConnect chain is still deciding, is not closed: the request
+    and the half-close reach the destination, and its answer reaches the client.
+    """
+    from wingate_map.tls import ClientTls, client_creator, half_close_tls_factory
+
+    servers = PeerFactory(payload=b"", half_close=False, close_on_eof=False)
+    dest = yield listen(servers)
+    port = free_port()
+    service, sink = start_service(listener_config(pki, port, f'default = {{ host = "127.0.0.1", port = {dest.getHost().port} }}'))
+    sink.allow = defer.Deferred()
+    try:
+        client = Peer(payload=b"request")
+        factory = half_close_tls_factory(client_creator("localhost", ClientTls(ca=pki.ca)), True, protocol.Factory.forProtocol(lambda: client))
+        yield TCP4ClientEndpoint(reactor(), "127.0.0.1", port).connect(factory)
+        yield wait_for(lambda: sink.of("ClientConnect") != [])
+        sink.allow.callback(True)
+        yield wait_for(lambda: servers.peers and servers.peers[0].eof_seen)
+        server = servers.peers[0]
+        assert server.received == 7
+        server.transport.write(b"answer after EOF")
+        server.transport.loseWriteConnection()
+        yield wait_for(lambda: client.lost.called)
+        assert client.first_bytes == b"answer after EOF"
+        yield wait_for(lambda: len(service.sessions) == 0)
+        assert sink.of("ClientDisconnect")[0]["reason"] == "client-closed"
     finally:
         yield service.stopService()
         yield dest.stopListening()

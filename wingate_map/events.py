@@ -29,6 +29,10 @@ _log = Logger()
 class EventHub:
     """
     Delivers events to the subscribed sinks, in subscription order.
+
+    A session refused before the handlers (over a limit, rejected by a rule, no destination)
+    still has its ClientConnect and ClientDisconnect, but a sink whose C{hears_refused}
+    attribute is C{False} (the configured C{run} and C{python} handlers) hears neither.
     """
 
     def __init__(self, sinks: list[IEventSink] | tuple[IEventSink, ...] = ()) -> None:
@@ -57,16 +61,22 @@ class EventHub:
         if sink in self._sinks:
             self._sinks.remove(sink)
 
-    def client_connect(self, event: dict[str, Any]) -> bool | Deferred[bool]:
+    def _hearing(self, refused: bool) -> list[IEventSink]:
+        if not refused:
+            return list(self._sinks)
+        return [sink for sink in self._sinks if getattr(sink, "hears_refused", True)]
+
+    def client_connect(self, event: dict[str, Any], refused: bool = False) -> bool | Deferred[bool]:
         """
-        Offer ClientConnect to each sink in turn.
+        Offer ClientConnect to each sink in turn (for a session already C{refused}, only to
+        those that hear refused sessions; their answer changes nothing).
 
         @return: C{True} when every sink allowed the session, C{False} at the first that
             blocked it (by returning C{False}, or by failing, which is logged); a Deferred firing
             with that answer if a sink answered with a Deferred (synchronous sinks cost no
             Deferred: this runs for every connection).
         """
-        return self._offer(list(self._sinks), 0, event)
+        return self._offer(self._hearing(refused), 0, event)
 
     def _offer(self, sinks: list[IEventSink], index: int, event: dict[str, Any]) -> bool | Deferred[bool]:
         while index < len(sinks):
@@ -86,11 +96,12 @@ class EventHub:
             index += 1
         return True
 
-    def client_disconnect(self, event: dict[str, Any]) -> None:
+    def client_disconnect(self, event: dict[str, Any], refused: bool = False) -> None:
         """
-        Tell each sink about ClientDisconnect; failures are logged, never raised.
+        Tell each sink about ClientDisconnect (of a session C{refused} before the handlers:
+        only those that hear refused sessions); failures are logged, never raised.
         """
-        for sink in list(self._sinks):
+        for sink in self._hearing(refused):
             try:
                 result = sink.client_disconnect(dict(event))
             except Exception:

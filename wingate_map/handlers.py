@@ -7,6 +7,10 @@ C{False}) or blocks it (non-zero exit, C{False}); one that fails or times out is
 blocks, unless its C{on_failure} is C{allow}.  ClientDisconnect handlers run after the fact and
 never delay or change anything.  Programs get every field as C{WINGATEMAP_<FIELD>} (upper case;
 null as the empty string), no stdin, and are killed at C{timeout}.
+
+Handlers never hear sessions refused before them (over a limit, rejected, no destination).  At
+most C{[events] max_running} programs run at once; a program waits for a free slot, and one
+that cannot start within its C{timeout} is a timeout like any other.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import os
 import shutil
 from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import Handler
+from .config import DEFAULT_MAX_RUNNING, Handler
 from .interfaces import IEventSink
 
 _log = Logger()
@@ -48,9 +52,25 @@ def environment(event: dict[str, Any]) -> dict[str, str]:
 
 
 class _Program(ProcessProtocol):
-    def __init__(self, done: Deferred[int]) -> None:
-        self.done = done
+    """
+    One run of a handler program: C{done} fires with its exit status (C{-signal} if killed);
+    C{ended} runs once it is gone.
+    """
+
+    def __init__(self, ended: Callable[[], object]) -> None:
+        self.done: Deferred[int] = Deferred()
+        self.ended = ended
         self.output = b""
+        self.process: Any = None
+
+    def kill(self) -> None:
+        """
+        Kill the program (it has run past its timeout).
+        """
+        try:
+            self.process.signalProcess("KILL")
+        except Exception:
+            pass
 
     def outReceived(self, data: bytes) -> None:
         if len(self.output) < OUTPUT_LIMIT:
@@ -61,11 +81,15 @@ class _Program(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         code = reason.value.exitCode if reason.check(ProcessDone) or hasattr(reason.value, "exitCode") else None
         signal = getattr(reason.value, "signal", None)
+        self.ended()
         if not self.done.called:
             self.done.callback(code if code is not None else -(signal or 1))
 
 
 class _Base:
+    # Sessions refused before the handlers (limit, rejected, no destination) start none.
+    hears_refused = False
+
     def __init__(self, handler: Handler, reactor: Any) -> None:
         self.handler = handler
         self.reactor = reactor
@@ -73,18 +97,19 @@ class _Base:
     def _call(self, event: dict[str, Any]) -> Deferred[bool]:
         raise NotImplementedError
 
-    def _with_timeout(self, d: Deferred[Any], on_timeout: Callable[[], None], what: str = "") -> Deferred[Any]:
+    def _with_timeout(self, d: Deferred[Any], on_timeout: Callable[[], str]) -> Deferred[Any]:
         """
         C{d}, failing with L{TimeoutError} if it has not fired within the handler's timeout
-        (after C{on_timeout} ran, e.g. to kill a program).
+        (after C{on_timeout} ran, e.g. to kill a program; it returns words for the log).
         """
-        timer = self.reactor.callLater(self.handler.timeout, lambda: (on_timeout(), d.cancel()))
+        what: list[str] = []
+        timer = self.reactor.callLater(self.handler.timeout, lambda: (what.append(on_timeout()), d.cancel()))
 
         def settled(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
             if isinstance(result, Failure) and result.check(CancelledError):
-                raise TimeoutError(f"no answer within {self.handler.timeout:g}s{what}")
+                raise TimeoutError(f"no answer within {self.handler.timeout:g}s{''.join(what)}")
             return result
 
         return d.addBoth(settled)
@@ -126,38 +151,54 @@ class _Base:
 class ProgramHandler(_Base):
     """
     Runs C{handler.run} with the event in its environment; exit status 0 allows.
+
+    @ivar slots: shared by every program handler of a configuration: at most that many
+        programs run at once (L{None}: no limit).
     """
 
+    def __init__(self, handler: Handler, reactor: Any, slots: DeferredSemaphore | None = None) -> None:
+        super().__init__(handler, reactor)
+        self.slots = slots
+
     def _call(self, event: dict[str, Any]) -> Deferred[bool]:
+        program = _Program(self._release)
+        waiting = self.slots.acquire() if self.slots is not None else succeed(None)
+        waiting.addCallback(lambda _: self._start(program, event))
+
+        def on_timeout() -> str:
+            if program.process is None:
+                return f" (not started: events.max_running = {self.slots.limit if self.slots else 0} programs were running)"
+            program.kill()
+            return " (killed)"
+
+        return self._with_timeout(waiting, on_timeout).addCallback(self._verdict, event, program)
+
+    def _release(self) -> None:
+        if self.slots is not None:
+            self.slots.release()
+
+    def _start(self, program: _Program, event: dict[str, Any]) -> Deferred[int]:
         argv = list(self.handler.run or ())
         executable = argv[0] if os.path.isabs(argv[0]) else (shutil.which(argv[0]) or argv[0])
-        done: Deferred[int] = Deferred()
-        protocol = _Program(done)
         try:
-            process = self.reactor.spawnProcess(protocol, executable, argv, env=environment(event), childFDs={0: "w", 1: "r", 2: "r"})
+            program.process = self.reactor.spawnProcess(program, executable, argv, env=environment(event), childFDs={0: "w", 1: "r", 2: "r"})
         except Exception as e:
+            self._release()
             return _failed(e)
-        process.closeStdin()
+        program.process.closeStdin()
+        return program.done
 
-        def kill() -> None:
-            try:
-                process.signalProcess("KILL")
-            except Exception:
-                pass
-
-        def verdict(code: int) -> bool:
-            if code != 0:
-                output = protocol.output.decode("utf-8", "replace").strip()
-                _log.info(
-                    "{handler} exited {code} for session {session}{output}",
-                    handler=str(self.handler),
-                    code=code,
-                    session=event["session"],
-                    output=f": {output}" if output else "",
-                )
-            return code == 0
-
-        return self._with_timeout(done, kill, " (killed)").addCallback(verdict)
+    def _verdict(self, code: int, event: dict[str, Any], program: _Program) -> bool:
+        if code != 0:
+            output = program.output.decode("utf-8", "replace").strip()
+            _log.info(
+                "{handler} exited {code} for session {session}{output}",
+                handler=str(self.handler),
+                code=code,
+                session=event["session"],
+                output=f": {output}" if output else "",
+            )
+        return code == 0
 
 
 def _failed(e: BaseException) -> Deferred[bool]:
@@ -180,11 +221,13 @@ class PythonHandler(_Base):
     def _call(self, event: dict[str, Any]) -> Deferred[bool]:
         d = maybeDeferred(self.function, dict(event))
 
-        return self._with_timeout(d, lambda: None).addCallback(lambda result: result is not False)
+        return self._with_timeout(d, lambda: "").addCallback(lambda result: result is not False)
 
 
-def build_handlers(handlers: tuple[Handler, ...], reactor: Any) -> list[IEventSink]:
+def build_handlers(handlers: tuple[Handler, ...], reactor: Any, max_running: int = DEFAULT_MAX_RUNNING) -> list[IEventSink]:
     """
-    Sinks for the configured handlers, in the order configured.
+    Sinks for the configured handlers, in the order configured; their programs share
+    C{max_running} slots.
     """
-    return [(ProgramHandler if h.run is not None else PythonHandler)(h, reactor) for h in handlers]
+    slots = DeferredSemaphore(max_running)
+    return [ProgramHandler(h, reactor, slots) if h.run is not None else PythonHandler(h, reactor) for h in handlers]

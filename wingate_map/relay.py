@@ -10,11 +10,17 @@ other direction keeps flowing; the session ends when both directions are done, o
 one side resets (the reset is passed on, so a truncated stream never looks complete).
 Decisions live behind interfaces (L{IRuleService}, L{IDestinationEndpointFactory},
 L{IEventSink}); this module only moves bytes and keeps the session's accounts.
+
+Connection limits count every accepted connection, also one still sending its PROXY header or
+doing its TLS handshake (L{Phase.PENDING}); a pending connection over a limit is closed at once.
+Limits, C{reject} rules and missing destinations are decided before any ClientConnect handler
+runs: a refused session still has both events, but the configured handlers hear neither.
 """
 
 from __future__ import annotations
 
 import socket
+from enum import Enum
 from typing import Any
 
 from attrs import define, field
@@ -191,10 +197,28 @@ class _DestinationFactory(Factory):
         return (TLSDestinationProtocol if self.tls else DestinationProtocol)(self.relay)
 
 
+class Phase(Enum):
+    """
+    Where a client connection is in its life.  It moves forward only:
+    PENDING -> DECIDING -> CONNECTING -> RELAYING -> ENDED, or to CLOSING from DECIDING or
+    CONNECTING (refused, or no destination could be reached), or from PENDING straight to
+    ENDED (dropped: it never became a session).
+    """
+
+    PENDING = "pending"  # accepted; its PROXY header or TLS handshake is still to come
+    DECIDING = "deciding"  # a session: the rule service and ClientConnect sinks decide
+    CONNECTING = "connecting"  # allowed: connecting the destination (and its TLS handshake)
+    RELAYING = "relaying"  # both legs joined
+    CLOSING = "closing"  # not relayed (refused, connect failed): the client is being closed
+    ENDED = "ended"  # ClientDisconnect sent, or dropped before it became a session
+
+
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
 class RelayProtocol(Protocol):
     """
     The client leg of a session, and the session's owner.
+
+    @ivar phase: where the connection is in its life (L{Phase}).
     """
 
     peer: DestinationProtocol | None = None
@@ -215,25 +239,24 @@ class RelayProtocol(Protocol):
         self.peer = None
         self._header_reader = None
         self._header_timer = None
+        self.phase = Phase.DECIDING
+        self._pending: tuple[str, str | None] | None = None  # (mapping, peer) counted while PENDING
         self._decision: Decision | None = None
+        self._refusal: str | None = None  # limit, rejected or no-destination: decided before handlers
         self._connecting: Deferred[Any] | None = None
-        self._deciding = True
         self._client_eof = False
         self._dest_eof = False
         self._client_lost = False
         self._dest_lost = False
-        self._ended = False
         self._reason: str | None = None  # set by whatever ended the session on purpose
         self._first_close: str | None = None  # which side closed first, when nothing else did
         self._idle_call: Any = None
         self._last_activity = 0.0
         self._track_idle = runtime.mapping.idle_timeout > 0
         self._early = b""  # client bytes that arrived before the destination was ready
-        self._dest_ready = False
         self._dest_index = 0
         self._dest_timer: Any = None
         self._dest_handshake_failure: str | None = None
-        self._awaiting_handshake = False
         self._limited: str | None = None
         self._original: tuple[str, int] | None = None  # the intercepted connection's destination
         self._connect_started = 0.0
@@ -243,50 +266,63 @@ class RelayProtocol(Protocol):
     def connectionMade(self) -> None:
         _tune(self.transport)
         mapping = self.runtime.mapping
-        if mapping.tls is not None:
-            # The client's certificate (its identity) is known only after the handshake.
-            self._awaiting_handshake = True
-            peer_ip, peer_port = _address(self.transport.getPeer())
-            self._header_timer = self.runtime.clock.callLater(
-                HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no TLS handshake within {HEADER_TIMEOUT:g}s", "tls-timeout"
-            )
-            return
-        if not mapping.proxy_protocol:
+        if mapping.tls is None and not mapping.proxy_protocol:
             self.transport.pauseProducing()
             self._begin(_address(self.transport.getPeer()))
             return
-        # A PROXY header comes first; its source address is the client.  Nothing is a session
-        # (and nothing is relayed) until it has arrived whole from a trusted peer.
+        # The client's certificate (its identity) is known only after the TLS handshake; a
+        # PROXY header's source address is the client.  Nothing is a session (and nothing is
+        # relayed) until then, but the connection counts against the limits meanwhile.
+        self.phase = Phase.PENDING
         peer_ip, peer_port = _address(self.transport.getPeer())
         trusted = self.runtime.proxy_from
-        if trusted is not None and not trusted.contains(client_address(peer_ip)):
-            self._drop_proxy(peer_ip, peer_port, "peer is not in proxy_protocol_from", "proxy-untrusted")
+        proxied = mapping.tls is None
+        if proxied and trusted is not None and not trusted.contains(client_address(peer_ip)):
+            self._drop(peer_ip, peer_port, "peer is not in proxy_protocol_from", "proxy-untrusted")
             return
-        self._header_reader = ProxyHeaderReader()
-        self._header_timer = self.runtime.clock.callLater(
-            HEADER_TIMEOUT, self._drop_proxy, peer_ip, peer_port, f"no complete PROXY header within {HEADER_TIMEOUT:g}s", "proxy-timeout"
-        )
+        # A trusted PROXY sender speaks for many clients: it counts only for the mapping.
+        counted = (mapping.name, None if proxied and trusted is not None else peer_ip)
+        limited = self._over_limit(counted[1], accepting=True)
+        if limited is not None:
+            self._drop(peer_ip, peer_port, limited, "limit")
+            return
+        self._pending = counted
+        self.runtime.sessions.add_pending(*counted)
+        if proxied:
+            self._header_reader = ProxyHeaderReader()
+            why, reason = f"no complete PROXY header within {HEADER_TIMEOUT:g}s", "proxy-timeout"
+        else:
+            why, reason = f"no TLS handshake within {HEADER_TIMEOUT:g}s", "tls-timeout"
+        self._header_timer = self.runtime.clock.callLater(HEADER_TIMEOUT, self._drop, peer_ip, peer_port, why, reason)
+
+    def _end_pending(self) -> None:
+        """
+        The connection is no longer pending: it became a session, or it is gone.
+        """
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+        if self._pending is not None:
+            self.runtime.sessions.remove_pending(*self._pending)
+            self._pending = None
 
     def handshakeCompleted(self) -> None:
         """
         The client's TLS handshake is done: it is a session now.
         """
-        if not self._awaiting_handshake:
+        if self.phase is not Phase.PENDING:
             return
-        self._awaiting_handshake = False
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
         certificate = self.transport.getPeerCertificate() if self.runtime.mapping.tls.client_ca else None
         self.transport.pauseProducing()
         self._begin(_address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate))
 
-    def _drop_proxy(self, peer_ip: str, peer_port: int, why: str, reason: str = "proxy-invalid") -> None:
+    def _drop(self, peer_ip: str, peer_port: int, why: str, reason: str = "proxy-invalid") -> None:
+        """
+        Close a connection that will not become a session, logged once and counted.
+        """
         self._header_reader = None
-        self._awaiting_handshake = False
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
+        self.phase = Phase.ENDED
+        self._end_pending()
         _log.warn(
             "mapping {mapping}: closed connection from {peer_ip}:{peer_port}: {why}",
             mapping=self.runtime.mapping.name,
@@ -304,15 +340,12 @@ class RelayProtocol(Protocol):
         try:
             found = self._header_reader.feed(data)
         except ProxyHeaderError as e:
-            self._drop_proxy(peer_ip, peer_port, str(e))
+            self._drop(peer_ip, peer_port, str(e))
             return
         if found is None:
             return
         header, rest = found
         self._header_reader = None
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
         self.transport.pauseProducing()
         self._early = rest
         self._begin(header.source or (peer_ip, peer_port))
@@ -321,6 +354,8 @@ class RelayProtocol(Protocol):
         """
         The client is known: open the session and ask the rule service.
         """
+        self._end_pending()
+        self.phase = Phase.DECIDING
         runtime = self.runtime
         client_ip, client_port = client
         local_ip, local_port = _address(self.transport.getHost())
@@ -368,13 +403,20 @@ class RelayProtocol(Protocol):
         except Exception:
             self._internal_error(Failure())
 
-    def _over_limit(self) -> str | None:
+    def _over_limit(self, client_ip: str | None, accepting: bool = False) -> str | None:
+        """
+        Which connection limit this connection is over, if any.  Every accepted connection
+        counts (sessions, and connections still PENDING); C{accepting}: this one is not
+        counted yet.
+        """
         mapping = self.runtime.mapping
         sessions = self.runtime.sessions
-        if mapping.max_connections and sessions.count(mapping.name) > mapping.max_connections:
+        extra = 1 if accepting else 0
+        if mapping.max_connections and sessions.connections(mapping.name) + extra > mapping.max_connections:
             return f"max_connections ({mapping.max_connections}) reached"
-        if mapping.max_connections_per_client and sessions.count(mapping.name, self.session.client_ip) > mapping.max_connections_per_client:
-            return f"max_connections_per_client ({mapping.max_connections_per_client}) reached for {self.session.client_ip}"
+        limit = mapping.max_connections_per_client
+        if limit and client_ip is not None and sessions.connections(mapping.name, client_ip) + extra > limit:
+            return f"max_connections_per_client ({limit}) reached for {client_ip}"
         return None
 
     def _decided(self, decision: Decision) -> Deferred[None] | None:
@@ -382,32 +424,33 @@ class RelayProtocol(Protocol):
         session = self.session
         session.user = decision.identity.user
         session.identity = decision.identity.level
-        limited = self._over_limit()
-        if limited is not None:
-            self._limited = limited
+        # Limits, rejections and missing destinations first: a refused session still has its
+        # ClientConnect, but no handler hears it (none starts a program for it).
+        self._limited = self._over_limit(session.client_ip)
+        if self._limited is not None:
+            self._refusal = "limit"
         else:
             session.rule = decision.rule
-            if decision.action == CONNECT and decision.destinations:
+            if decision.action == REJECT:
+                self._refusal = "rejected"
+            elif decision.action == NO_DESTINATION or not decision.destinations:
+                self._refusal = "no-destination"
+            else:
                 session.destination = str(decision.destinations[0])
-        allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()))
+        allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()), refused=self._refusal is not None)
         if isinstance(allowed, Deferred):
             return allowed.addCallback(self._allowed)
         self._allowed(allowed)
         return None
 
     def _allowed(self, allowed: bool) -> None:
-        self._deciding = False
-        decision = self._decision
-        assert decision is not None
         if self._client_lost or self._reason is not None:
+            self.phase = Phase.CLOSING
             self._maybe_finish()
-        elif self._limited is not None:
-            _log.info("mapping {mapping}: session {session} refused: {why}", mapping=self.runtime.mapping.name, session=self.session.id, why=self._limited)
-            self._refuse("limit")
-        elif decision.action == REJECT:
-            self._refuse("rejected")
-        elif decision.action == NO_DESTINATION or not decision.destinations:
-            self._refuse("no-destination")
+        elif self._refusal is not None:
+            if self._limited is not None:
+                _log.info("mapping {mapping}: session {session} refused: {why}", mapping=self.runtime.mapping.name, session=self.session.id, why=self._limited)
+            self._refuse(self._refusal)
         elif not allowed:
             self._refuse("blocked")
         else:
@@ -415,13 +458,18 @@ class RelayProtocol(Protocol):
 
     def _internal_error(self, failure: Failure) -> None:
         _log.failure("mapping {mapping}: session {session} failed while choosing a destination", failure, mapping=self.runtime.mapping.name, session=self.session.id)
-        self._deciding = False
+        if self._decision is None:
+            # The rule service failed: no handler has heard of this session, none will.
+            self._refusal = "no-destination"
+            self.runtime.events.client_connect(self.session.connect_event(self.runtime.clock.seconds()), refused=True)
+        self.phase = Phase.CLOSING
         if self._client_lost:
             self._maybe_finish()
         else:
             self._refuse("no-destination")
 
     def _refuse(self, reason: str) -> None:
+        self.phase = Phase.CLOSING
         self._reason = self._reason or reason
         self.transport.loseConnection()
 
@@ -429,6 +477,7 @@ class RelayProtocol(Protocol):
 
     def _connect(self, index: int) -> None:
         assert self._decision is not None
+        self.phase = Phase.CONNECTING
         destination = self._decision.destinations[index]
         runtime = self.runtime
         timeout = runtime.mapping.connect_timeout
@@ -487,7 +536,7 @@ class RelayProtocol(Protocol):
         if self._dest_timer is not None and self._dest_timer.active():
             self._dest_timer.cancel()
         self._dest_timer = None
-        if self.peer is not None and not self._dest_lost and not self._dest_ready:
+        if self.peer is not None and not self._dest_lost and self.phase is Phase.CONNECTING:
             self._wire()
 
     def _dest_handshake_timeout(self) -> None:
@@ -502,7 +551,7 @@ class RelayProtocol(Protocol):
         """
         protocol = self.peer
         assert protocol is not None
-        self._dest_ready = True
+        self.phase = Phase.RELAYING
         if self.runtime.metrics is not None:
             self.runtime.metrics.observe_connect(self.runtime.mapping.name, self.runtime.clock.seconds() - self._connect_started)
         if self._early:
@@ -510,14 +559,18 @@ class RelayProtocol(Protocol):
             self.session.bytes_from_client += len(early)
             protocol.transport.write(early)
         self.transport.registerProducer(protocol.transport, True)
-        protocol.transport.registerProducer(self.transport, True)
-        self.transport.resumeProducing()
+        if self._client_eof:
+            # The client finished sending while its destination was chosen or connected.
+            protocol.transport.loseWriteConnection()
+        else:
+            protocol.transport.registerProducer(self.transport, True)
+            self.transport.resumeProducing()
         if self._track_idle:
             self._last_activity = self.runtime.clock.seconds()
             self._idle_call = self.runtime.clock.callLater(self.runtime.mapping.idle_timeout, self._idle_check)
 
     def _connect_failed(self, failure: Failure, index: int, timed_out: list[bool]) -> None:
-        if self._client_lost or self._ended or self._reason is not None:
+        if self._client_lost or self.phase is Phase.ENDED or self._reason is not None:
             self._maybe_finish()
             return
         assert self._decision is not None
@@ -548,7 +601,7 @@ class RelayProtocol(Protocol):
         if self._header_reader is not None:
             self._header_data(data)
             return
-        if not self._dest_ready:
+        if self.phase is not Phase.RELAYING:
             # Already decrypted (or read with a PROXY header) before the client was paused.
             self._early += data
             if len(self._early) > _EARLY_LIMIT:
@@ -577,7 +630,7 @@ class RelayProtocol(Protocol):
         """
         if self.session is None:
             peer_ip, peer_port = _address(self.transport.getPeer())
-            self._drop_proxy(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
+            self._drop(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
             return
         if self._client_eof:
             return
@@ -587,6 +640,9 @@ class RelayProtocol(Protocol):
             return
         self._client_eof = True
         self._first_close = self._first_close or "client-closed"
+        if self.phase in (Phase.DECIDING, Phase.CONNECTING) and self._reason is None:
+            # Passed on once the destination is ready (see _wire): it may still answer.
+            return
         peer = self.peer
         if peer is None or self._dest_lost:
             self.transport.loseConnection()
@@ -633,9 +689,9 @@ class RelayProtocol(Protocol):
         if self.session is None:
             # Closed before it became a session (no complete PROXY header, no TLS handshake):
             # nothing to report as an event; a failed handshake is logged.
-            if self._header_timer is not None and self._header_timer.active():
-                self._header_timer.cancel()
-            if self._awaiting_handshake:
+            pending = self.phase is Phase.PENDING
+            self._end_pending()
+            if pending and self.runtime.mapping.tls is not None:
                 peer_ip, peer_port = _address(self.transport.getPeer())
                 _log.warn(
                     "mapping {mapping}: TLS handshake with {peer_ip}:{peer_port} failed: {why}",
@@ -646,7 +702,7 @@ class RelayProtocol(Protocol):
                 )
                 if self.runtime.metrics is not None:
                     self.runtime.metrics.not_a_session(self.runtime.mapping.name, "tls-failed")
-            self._ended = True
+            self.phase = Phase.ENDED
             return
         self._first_close = self._first_close or "client-closed"
         if self._idle_call is not None and self._idle_call.active():
@@ -666,7 +722,7 @@ class RelayProtocol(Protocol):
         """
         The destination leg is closed.
         """
-        if not self._dest_ready and self.peer is not None:
+        if self.phase is not Phase.RELAYING and self.peer is not None:
             self._destination_not_ready(reason)
             return
         if reason.check(SSLError) and self._reason is None and not self._dest_eof:
@@ -717,7 +773,7 @@ class RelayProtocol(Protocol):
         End the session now with C{reason} (killed, shutdown, idle-timeout...), dropping what
         is still buffered.
         """
-        if self._ended:
+        if self.phase is Phase.ENDED:
             return
         self._reason = self._reason or reason
         if self._connecting is not None:
@@ -740,14 +796,14 @@ class RelayProtocol(Protocol):
             self._idle_call = self.runtime.clock.callLater(timeout - idle, self._idle_check)
 
     def _maybe_finish(self) -> None:
-        if self._ended or self._deciding or not self._client_lost:
+        if self.phase in (Phase.ENDED, Phase.DECIDING) or not self._client_lost:
             return
         if self._connecting is not None or (self.peer is not None and not self._dest_lost):
             return
-        self._ended = True
+        self.phase = Phase.ENDED
         session = self.session
         session.reason = self._reason or self._first_close or "client-closed"
         session.terminate = None
         # The event first: removing the last session may complete a shutdown drain.
-        self.runtime.events.client_disconnect(session.disconnect_event(self.runtime.clock.seconds()))
+        self.runtime.events.client_disconnect(session.disconnect_event(self.runtime.clock.seconds()), refused=self._refusal is not None)
         self.runtime.sessions.remove(session)

@@ -285,7 +285,7 @@ class WingateMapService(MultiService):
         factory, and what each (mapping, intercept?) listener serves.  Reads TLS files.
         """
         # A worker reports each session to the primary first, before any handler can delay it.
-        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + [self.metrics] + build_handlers(config.handlers, self.reactor) + self._subscribed
+        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
         events = EventHub(sinks)
         # A worker's outgoing sockets, like its accepted ones, are reset if the worker dies.
         endpoints = self._endpoints or StandardEndpointFactory(self.reactor if self.worker_index == 0 else reset_on_death_reactor(self.reactor))

@@ -122,6 +122,10 @@ class SessionRegistry:
     _live: dict[str, Session] = field(factory=dict)
     _per_mapping: dict[str, int] = field(factory=dict)
     _per_client: dict[tuple[str, str], int] = field(factory=dict)
+    # Connections not yet sessions (PROXY header or TLS handshake to come): they count against
+    # the limits too.
+    _pending_per_mapping: dict[str, int] = field(factory=dict)
+    _pending_per_client: dict[tuple[str, str], int] = field(factory=dict)
     _prefix: str = field(factory=lambda: secrets.token_hex(4))
     _counter: Any = field(factory=lambda: itertools.count(1))
     _empty_waiters: list[Deferred[None]] = field(factory=list)
@@ -137,21 +141,14 @@ class SessionRegistry:
         Start tracking C{session}.
         """
         self._live[session.id] = session
-        self._per_mapping[session.mapping] = self._per_mapping.get(session.mapping, 0) + 1
-        key = (session.mapping, session.client_ip)
-        self._per_client[key] = self._per_client.get(key, 0) + 1
+        _count(self._per_mapping, self._per_client, session.mapping, session.client_ip, 1)
 
     def remove(self, session: Session) -> None:
         """
         C{session} is over.
         """
         if self._live.pop(session.id, None) is not None:
-            for counts, key in ((self._per_mapping, session.mapping), (self._per_client, (session.mapping, session.client_ip))):
-                left = counts[key] - 1
-                if left:
-                    counts[key] = left
-                else:
-                    del counts[key]
+            _count(self._per_mapping, self._per_client, session.mapping, session.client_ip, -1)
         if not self._live:
             waiters, self._empty_waiters = self._empty_waiters, []
             for d in waiters:
@@ -176,6 +173,30 @@ class SessionRegistry:
         if client_ip is None:
             return self._per_mapping.get(mapping, 0)
         return self._per_client.get((mapping, client_ip), 0)
+
+    def add_pending(self, mapping: str, peer_ip: str | None) -> None:
+        """
+        A connection to C{mapping} was accepted that is not a session yet (its PROXY header or
+        TLS handshake is still to come); it counts for C{peer_ip} too unless that is L{None}
+        (a trusted PROXY sender, which speaks for many clients).
+        """
+        _count(self._pending_per_mapping, self._pending_per_client, mapping, peer_ip, 1)
+
+    def remove_pending(self, mapping: str, peer_ip: str | None) -> None:
+        """
+        A connection counted by L{add_pending} became a session or was closed.
+        """
+        _count(self._pending_per_mapping, self._pending_per_client, mapping, peer_ip, -1)
+
+    def connections(self, mapping: str, client_ip: str | None = None) -> int:
+        """
+        What the connection limits count: live sessions of C{mapping} plus its connections
+        not yet sessions (from C{client_ip}, if given).
+        """
+        if client_ip is None:
+            return self._per_mapping.get(mapping, 0) + self._pending_per_mapping.get(mapping, 0)
+        key = (mapping, client_ip)
+        return self._per_client.get(key, 0) + self._pending_per_client.get(key, 0)
 
     def __len__(self) -> int:
         return len(self._live)
@@ -208,3 +229,19 @@ class SessionRegistry:
         else:
             self._empty_waiters.append(d)
         return d
+
+
+def _count(per_mapping: dict[str, int], per_client: dict[tuple[str, str], int], mapping: str, client_ip: str | None, change: int) -> None:
+    """
+    Add C{change} to the counts of C{mapping} and of (C{mapping}, C{client_ip}), dropping
+    counts that reach zero.
+    """
+    keys: list[tuple[dict[Any, int], Any]] = [(per_mapping, mapping)]
+    if client_ip is not None:
+        keys.append((per_client, (mapping, client_ip)))
+    for counts, key in keys:
+        left = counts.get(key, 0) + change
+        if left > 0:
+            counts[key] = left
+        else:
+            counts.pop(key, None)
