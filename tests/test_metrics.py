@@ -335,6 +335,16 @@ def _worker_text(accepted: float, active: float, sent: float, latency: tuple[flo
     return re.sub(r"^process_cpu_seconds_total .*$", f"process_cpu_seconds_total {cpu}", text, flags=re.MULTILINE)
 
 
+def assert_one_family_per_name(text: str) -> None:
+    """
+    Each metric family appears once in an exposition, and each sample once.
+    """
+    types = re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE)
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
+    lines = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(lines) == len(set(lines)), sorted(line for line in lines if lines.count(line) > 1)
+
+
 class FakeWorkers:
     """
     The running workers, and what each answers to a scrape.
@@ -387,7 +397,8 @@ def test_workers_expositions_are_merged_and_a_dead_workers_counters_never_go_bac
     assert value(text, "process_cpu_seconds_total", worker="0") is not None
     assert value(text, "process_cpu_seconds_total") is None
     assert value(text, "wingatemap_reloads_total", result="success") == 0  # the primary's
-    assert len([k for k in samples(text) if k[0] == "wingatemap_build_info"]) == 1
+    assert_one_family_per_name(text)
+    assert len([line for line in text.splitlines() if line.startswith("wingatemap_build_info")]) == 1
     assert "_created" not in text
 
     workers.answers[111] = None  # busy, or dying: its last answer counts
@@ -563,6 +574,7 @@ def test_live_metrics_of_a_running_service_and_the_dashboard(tmp_path):
             assert value(text, "wingatemap_bytes_total", mapping=mapping, direction="to_client") == 0
             assert value(text, "wingatemap_connections_dropped_total", mapping=mapping, reason="tls-failed") == 0
         assert value(text, "wingatemap_connections_accepted_total", mapping="off") is None
+        assert_one_family_per_name(text)
         assert_dashboard_matches(text)
         assert_reference_matches(text)
         started = value(text, "wingatemap_last_reload_success_timestamp_seconds")
@@ -637,7 +649,8 @@ def test_with_workers_the_primary_merges_every_process_and_never_goes_back(tmp_p
         assert value(text, "wingatemap_bytes_total", mapping="m", direction="to_client") == 5 * len(clients)  # "hi" + the echo
         assert value(text, "process_cpu_seconds_total", worker="0") is not None
         assert value(text, "process_cpu_seconds_total", worker="1") is not None
-        assert len([k for k in samples(text) if k[0] == "wingatemap_build_info"]) == 1
+        assert_one_family_per_name(text)
+        assert len([line for line in text.splitlines() if line.startswith("wingatemap_build_info")]) == 1
         assert_dashboard_matches(text)
         assert_reference_matches(text)
         before = samples(text)

@@ -61,8 +61,9 @@ DROPS = (
 )
 DIRECTIONS = ("from_client", "to_client")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-# Series only the primary's own registry contributes to a merged exposition.
-PRIMARY_ONLY = frozenset({"wingatemap_build", "wingatemap_reloads", "wingatemap_last_reload_success_timestamp_seconds"})
+# Series only the primary's own registry contributes to a merged exposition (build info is
+# family "wingatemap_build" in a registry, "wingatemap_build_info" when parsed from text).
+PRIMARY_ONLY = frozenset({"wingatemap_build", "wingatemap_build_info", "wingatemap_reloads", "wingatemap_last_reload_success_timestamp_seconds"})
 # Families whose series are per process (prometheus_client's process collector).
 PER_PROCESS_PREFIX = "process_"
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
