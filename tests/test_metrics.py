@@ -694,3 +694,21 @@ def assert_reference_matches(exposition: str) -> None:
     documented = documented_metrics()
     assert sorted(exported - documented) == [], "exported but not in docs/reference.md"
     assert sorted(documented - exported) == [], "in docs/reference.md but not exported"
+
+
+def test_a_proxy_connection_reset_before_its_header_is_logged_and_counted_once(caplog_twisted):
+    """
+    A PROXY-protocol client that resets its connection before a complete header (no FIN) is
+    logged once with its peer and counted once as proxy-closed, like one that closes cleanly.
+    """
+    from twisted.internet.error import ConnectionLost
+
+    harness, metrics = _proxied_harness()
+    client, _ = harness.accept(client_ip="127.0.0.9")
+    client.dataReceived(b"PROXY TCP4 1.2")
+    client.connectionLost(Failure(ConnectionLost()))
+    text = metrics.render()
+    assert value(text, "wingatemap_connections_dropped_total", mapping="test", reason="proxy-closed") == 1
+    assert sum(v for (name, _), v in samples(text).items() if name == "wingatemap_connections_dropped_total") == 1
+    assert len([line for line in caplog_twisted if "closed connection from 127.0.0.9:50000" in line]) == 1
+    assert harness.sink.events == [] and len(harness.sessions) == 0

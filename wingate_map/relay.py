@@ -702,6 +702,10 @@ class RelayProtocol(Protocol):
                 )
                 if self.runtime.metrics is not None:
                     self.runtime.metrics.not_a_session(self.runtime.mapping.name, "tls-failed")
+            elif pending and self._header_reader is not None:
+                # Reset before a complete PROXY header (a FIN goes through readConnectionLost).
+                peer_ip, peer_port = _address(self.transport.getPeer())
+                self._drop(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
             self.phase = Phase.ENDED
             return
         self._first_close = self._first_close or "client-closed"
