@@ -47,6 +47,17 @@ class _CommandFactory(txredisapi.RedisFactory):
             replyTimeout=reply_timeout, convertNumbers=False, username=address.username,
         )
         self.store = store
+        # txredisapi reports a failed login here (and then stops trying); nobody else waits on it.
+        self.deferred.addErrback(self._refused)
+
+    def _refused(self, failure: Failure) -> None:
+        _log.error(
+            "cluster node {node}: {redis} refused the connection, not retrying: {why}",
+            node=self.store.node, redis=self.store.address.display(), why=failure.getErrorMessage(),
+        )
+        self.store._start_failed(Failure(ClusterUnavailable(
+            f"cluster.redis: {self.store.address.display()} refused the connection: {failure.getErrorMessage()}"
+        )))
 
     def addConnection(self, conn: Any) -> None:
         super().addConnection(conn)
