@@ -336,7 +336,11 @@ def _reply_later(resource: "_Json", request: Any, body: Deferred[Any]) -> Any:
 
 class Sessions(_Json):
     """
-    C{GET /sessions}, C{DELETE /sessions/ID}; with worker processes, over all of them.
+    C{GET /sessions}, C{DELETE /sessions/ID}; with worker processes, over all of them.  With
+    C{[cluster]}, C{GET /sessions?scope=cluster} lists every gateway's sessions (this one's
+    live, the others' from the session directory) and a DELETE of a session that is not here
+    is routed to its gateway: 200 once it confirmed, 404 if no gateway has it, 504 when no
+    confirmation came in time, 503 while the cluster link is down.
     """
 
     def render_GET(self, request: Any) -> Any:
@@ -344,6 +348,11 @@ class Sessions(_Json):
             return self.reply(request, 404, {"error": "no such resource"})
         now = self.service.reactor.seconds()
         own = [session_json(s, now) for s in self.service.sessions.live()]
+        scope = request.args.get(b"scope", [b"node"])[-1]
+        if scope not in (b"node", b"cluster"):
+            return self.reply(request, 400, {"error": "scope must be node or cluster"})
+        if scope == b"cluster":
+            return self._cluster_sessions(request, own)
         if not self.service.worker_sockets():
             return self.reply(request, 200, own)
         combined = _ask_workers(self.service, b"/sessions", list).addCallback(lambda lists: own + [s for answer in lists for s in answer])
@@ -357,6 +366,8 @@ class Sessions(_Json):
             _log.info("admin: session {session} killed by {peer}", session=session_id, peer=_peer(request))
             return self.reply(request, 200, {"killed": session_id})
         workers = self.service.worker_sockets()
+        if self.service.cluster is not None:
+            return self._cluster_kill(request, session_id)
         if not workers:
             return self.reply(request, 404, {"error": f"no live session {session_id}"})
         path = b"/sessions/" + request.postpath[0]
@@ -378,6 +389,60 @@ class Sessions(_Json):
             return _ask_worker(self.service.reactor, workers[index], b"DELETE", path).addCallbacks(answered, lambda f: next_worker(index + 1))
 
         next_worker(0)
+        return NOT_DONE_YET
+
+    def _cluster_sessions(self, request: Any, own: list[dict[str, Any]]) -> Any:
+        store = self.service.cluster
+        if store is None:
+            return self.reply(request, 200, own)
+        if store.state != "up":
+            return self.reply(request, 503, {"error": "the cluster link is down: only this gateway's sessions are known (GET /sessions)"})
+
+        def merged(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            # This gateway's own sessions as they are now; the others' as last published.
+            return own + [s for s in found if s.get("node") != store.node]
+
+        return self._answer_later(request, store.cluster_sessions().addCallback(lambda found: (200, merged(found))))
+
+    def _cluster_kill(self, request: Any, session_id: str) -> Any:
+        from .cluster import ClusterUnavailable, KillTimeout
+
+        store = self.service.cluster
+        peer = _peer(request)
+
+        def done(killed: bool) -> tuple[int, Any]:
+            if not killed:
+                return 404, {"error": f"no live session {session_id} on any gateway"}
+            _log.info("admin: session {session} killed on another gateway by {peer}", session=session_id, peer=peer)
+            return 200, {"killed": session_id}
+
+        def failed(failure: Failure) -> tuple[int, Any]:
+            if failure.check(KillTimeout):
+                return 504, {"error": str(failure.value)}
+            if failure.check(ClusterUnavailable):
+                return 503, {"error": f"no live session {session_id} here, and the cluster link is down: {failure.getErrorMessage()}"}
+            return failure  # type: ignore[return-value]
+
+        return self._answer_later(request, store.kill(session_id).addCallbacks(done, failed))
+
+    def _answer_later(self, request: Any, answer: Deferred[tuple[int, Any]]) -> Any:
+        """
+        Answer C{request} with the (status, JSON body) C{answer} fires with, unless the client
+        has gone; 500 if it fails.
+        """
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def send(result: tuple[int, Any]) -> None:
+            if not gone:
+                request.write(self.reply(request, *result))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            _log.failure("admin: cannot answer {path}", failure, path=_printable(request.path))
+            send((500, {"error": "internal error"}))
+
+        answer.addCallbacks(send, failed)
         return NOT_DONE_YET
 
 

@@ -33,7 +33,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 # The keys allowed in each table; anything else is an error (with a "did you mean").
-_TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events")
+_TOP_KEYS = ("service", "admin", "interfaces", "users", "mappings", "events", "cluster")
+_CLUSTER_KEYS = ("redis", "node", "node_ttl", "events_stream", "events_maxlen")  # SPEC §7
+LIMITS_SCOPES = ("node", "cluster")
+_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ADMIN_KEYS = ("listen", "token", "token_file")
 _EVENT_NAMES = ("ClientConnect", "ClientDisconnect")
 _EVENTS_KEYS = _EVENT_NAMES + ("max_running",)
@@ -62,6 +65,7 @@ _MAPPING_KEYS = (
     "max_connections_per_client",
     "peek_sni",
     "peek_timeout",
+    "limits_scope",
 )
 _DESTINATION_KEYS = (
     "host",
@@ -86,6 +90,7 @@ KEY_TABLES: dict[str, tuple[str, ...]] = {
     "": _TOP_KEYS,
     "service": _SERVICE_KEYS,
     "admin": _ADMIN_KEYS,
+    "cluster": _CLUSTER_KEYS,
     "events": _EVENTS_KEYS,
     "events.EVENT[]": _HANDLER_KEYS,
     "users.NAME": _USER_KEYS,
@@ -165,6 +170,7 @@ class Mapping:
     max_connections_per_client: int = 0
     peek_sni: bool = False
     peek_timeout: float = 2.0
+    limits_scope: str = "node"
 
     def ports(self) -> tuple[int, ...]:
         """
@@ -240,6 +246,20 @@ class AdminSettings:
 
 
 @frozen
+class ClusterSettings:
+    """
+    The C{[cluster]} table (SPEC §7): the Redis URL (checked, kept as written), this gateway's
+    unique node name, the lease time, and the optional events stream.
+    """
+
+    redis: str = field(repr=False)  # may hold a password
+    node: str = "localhost"
+    node_ttl: float = 15.0
+    events_stream: str | None = None
+    events_maxlen: int = 1_000_000
+
+
+@frozen
 class Handler:
     """
     One event handler from C{[[events.NAME]]}: a program to C{run} (argv) or a C{python}
@@ -291,6 +311,7 @@ class Config:
     admin: AdminSettings | None = None
     handlers: tuple[Handler, ...] = ()
     max_running: int = DEFAULT_MAX_RUNNING
+    cluster: ClusterSettings | None = None
 
     def interface_classes(self) -> dict[str, str]:
         """
@@ -877,6 +898,10 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         reader.error(f"{path}.proxy_protocol", "cannot be combined with tls on the same mapping in this version")
     peek_sni = reader.boolean(table, "peek_sni", f"{path}.peek_sni", False)
     peek_timeout = reader.number(table, "peek_timeout", f"{path}.peek_timeout", 2.0, 0.0, exclusive_minimum=True)
+    limits_scope = table.get("limits_scope", "node")
+    if limits_scope not in LIMITS_SCOPES:
+        reader.error(f"{path}.limits_scope", f"{_describe(limits_scope)} is not allowed; expected one of {', '.join(LIMITS_SCOPES)}")
+        limits_scope = "node"
     if "peek_timeout" in table and not peek_sni:
         reader.error(f"{path}.peek_timeout", "is only allowed with peek_sni = true")
     if peek_sni and tls is not None:
@@ -905,7 +930,46 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         max_connections_per_client=max_per_client,
         peek_sni=peek_sni,
         peek_timeout=peek_timeout,
+        limits_scope=limits_scope,
     )
+
+
+def _read_cluster(reader: _Reader, data: dict[str, Any]) -> ClusterSettings | None:
+    """
+    The C{[cluster]} table, or None when absent.
+    """
+    if "cluster" not in data:
+        return None
+    from .cluster import parse_redis_url
+
+    table = reader.table(data, "cluster", "cluster")
+    reader.check_keys(table, "cluster", _CLUSTER_KEYS)
+    redis = table.get("redis")
+    if redis is None:
+        reader.error("cluster.redis", "is required; expected a URL such as redis://127.0.0.1:6379/0")
+    else:
+        try:
+            parse_redis_url(redis)
+        except ConfigError as e:
+            reader.problems.extend(e.problems)
+    node = table.get("node")
+    if node is None:
+        import socket
+
+        node = socket.gethostname()
+        if not _NODE_RE.match(node):
+            reader.error("cluster.node", f"the host name {node!r} cannot be a node name; set cluster.node (letters, digits, \".\", \"_\", \"-\", up to 63)")
+    elif not isinstance(node, str) or not _NODE_RE.match(node):
+        reader.error("cluster.node", f"{_describe(node)} is not allowed; expected a name of letters, digits, \".\", \"_\" and \"-\" (up to 63, unique per gateway)")
+    node_ttl = reader.number(table, "node_ttl", "cluster.node_ttl", 15.0, 1.0)
+    stream = table.get("events_stream")
+    if stream is not None and (not isinstance(stream, str) or not stream):
+        reader.error("cluster.events_stream", f"{_describe(stream)} is not allowed; expected a Redis key name such as \"wingatemap:events\"")
+        stream = None
+    maxlen = reader.integer(table, "events_maxlen", "cluster.events_maxlen", 1_000_000, 1, 1_000_000_000, "stream length")
+    if reader.problems or redis is None:
+        return None
+    return ClusterSettings(redis=redis, node=node, node_ttl=node_ttl, events_stream=stream, events_maxlen=maxlen)
 
 
 def _loopback_only(description: str) -> bool:
@@ -1120,6 +1184,14 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
     admin = _read_admin(reader, data)
     handlers = _read_handlers(reader, data)
     max_running = reader.integer(reader.table(data, "events", "events"), "max_running", "events.max_running", DEFAULT_MAX_RUNNING, 1, 4096, "number of handler programs running at once")
+    cluster = _read_cluster(reader, data)
+    if "cluster" in data and workers > 1:
+        reader.error("service.workers", "must be 1 with [cluster] in this version: run one gateway process per node instead (docs/cluster.md)")
+    for mapping in mappings:
+        if mapping.limits_scope == "cluster" and "cluster" not in data:
+            reader.error(f"mappings.{mapping.name}.limits_scope", '"cluster" needs a [cluster] table (the Redis the gateways share)')
+        elif mapping.limits_scope == "cluster" and not mapping.max_connections_per_client:
+            reader.warn(f"mappings.{mapping.name}.limits_scope", "has no effect without max_connections_per_client")
 
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -1127,6 +1199,7 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         admin=admin,
         handlers=handlers,
         max_running=max_running,
+        cluster=cluster,
         service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll, timezone=timezone),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any, Iterable
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from .config import User
@@ -18,6 +19,16 @@ from .interfaces import IIdentitySource
 from .locations import client_address
 
 MAX_TTL = 30 * 24 * 3600.0
+
+_log = Logger()
+
+
+def _log_unshared(failure: Any, client_ip: str) -> None:
+    """
+    A login change could not be shared with the other gateways (it holds here and is written
+    when the cluster link is back).
+    """
+    _log.warn("credentials: the login change for {client_ip} is not shared yet: {why}", client_ip=client_ip, why=failure.getErrorMessage())
 
 
 @implementer(IIdentitySource)
@@ -36,6 +47,9 @@ class CredentialStore:
         # (one stat per lookup), so a worker started later, or restarted, knows them too.
         self._shared_path = shared_path
         self._shared_mtime: int | None = None
+        # With [cluster], the logins live in the cluster store (written to Redis, announced to
+        # every gateway, read from its local cache: no round trip per connection).
+        self.cluster: Any = None
 
     def set_users(self, users: Iterable[User]) -> None:
         """
@@ -67,6 +81,9 @@ class CredentialStore:
         if not (isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and 0 < ttl <= MAX_TTL):
             raise ValueError(f"ttl must be a number of seconds > 0 and <= {MAX_TTL:g}")
         expires = self.clock.seconds() + float(ttl)
+        if self.cluster is not None:
+            self.cluster.put_login(key, user, float(ttl)).addErrback(_log_unshared, key)
+            return expires
         self._sync()
         self._entries[key] = (user, expires)
         self._publish()
@@ -105,6 +122,11 @@ class CredentialStore:
         """
         Forget C{client_ip}'s login; whether there was one.
         """
+        if self.cluster is not None:
+            key = self.key(client_ip)
+            found = self.cluster.login(key) is not None
+            self.cluster.delete_login(key).addErrback(_log_unshared, key)
+            return found
         self._sync()
         found = self._entries.pop(self.key(client_ip), None) is not None
         if found:
@@ -115,6 +137,8 @@ class CredentialStore:
         """
         The unexpired logins.
         """
+        if self.cluster is not None:
+            return self.cluster.logins()
         self._sync()
         now = self.clock.seconds()
         for key in [k for k, (_, expires) in self._entries.items() if expires <= now]:
@@ -125,16 +149,21 @@ class CredentialStore:
         """
         See L{IIdentitySource.identify}.
         """
-        if not self._entries and self._shared_path is None:
+        cluster = self.cluster
+        if cluster is None and not self._entries and self._shared_path is None:
             return None  # nobody logged in: the common case costs nothing per connection
         self._sync()
         address = client_address(client.client_ip)
-        entry = self._entries.get(str(address)) if address is not None else None
+        if cluster is not None:
+            entry = cluster.login(str(address)) if address is not None else None
+        else:
+            entry = self._entries.get(str(address)) if address is not None else None
         if entry is None:
             return None
         name, expires = entry
         if expires <= self.clock.seconds():
-            self._entries.pop(str(address), None)
+            if cluster is None:
+                self._entries.pop(str(address), None)
             return None
         user = self._users.get(name)
         return identity_of(user, self.level) if user is not None else None

@@ -64,6 +64,7 @@ class MappingRuntime:
     sessions: SessionRegistry
     clock: IReactorTime
     metrics: Any = None
+    cluster: Any = None  # wingate_map.cluster.ClusterLimits with [cluster], else None
     proxy_from: LocationSet | None = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -427,6 +428,25 @@ class RelayProtocol(Protocol):
         # Limits, rejections and missing destinations first: a refused session still has its
         # ClientConnect, but no handler hears it (none starts a program for it).
         self._limited = self._over_limit(session.client_ip)
+        cluster = self.runtime.cluster
+        if self._limited is None and cluster is not None:
+            # limits_scope = "cluster": one round trip to the shared store, only for the
+            # mappings that ask for it (None: nothing to wait for).
+            admitted = cluster.admit(self.runtime.mapping, session)
+            if admitted is not None:
+                return admitted.addCallback(self._cluster_admitted).addErrback(self._internal_error)
+        return self._judge()
+
+    def _cluster_admitted(self, limited: str | None) -> Deferred[None] | None:
+        self._limited = limited
+        return self._judge()
+
+    def _judge(self) -> Deferred[None] | None:
+        """
+        Limits are known: decide refusals and offer ClientConnect.
+        """
+        decision, session = self._decision, self.session
+        assert decision is not None and session is not None
         if self._limited is not None:
             self._refusal = "limit"
         else:
@@ -808,6 +828,8 @@ class RelayProtocol(Protocol):
         session = self.session
         session.reason = self._reason or self._first_close or "client-closed"
         session.terminate = None
+        if self.runtime.cluster is not None:
+            self.runtime.cluster.ended(self.runtime.mapping, session)
         # The event first: removing the last session may complete a shutdown drain.
         self.runtime.events.client_disconnect(session.disconnect_event(self.runtime.clock.seconds()), refused=self._refusal is not None)
         self.runtime.sessions.remove(session)

@@ -127,6 +127,7 @@ class WingateMapService(MultiService):
         config_path: str | None = None,
         extra_mappings: Iterable[Any] = (),
         standalone: bool | None = None,
+        cluster_store: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -137,6 +138,15 @@ class WingateMapService(MultiService):
         self._identity_sources = tuple(identity_sources)
         self._adapters = adapters
         self.sessions = SessionRegistry()
+        # [cluster] (SPEC §7): the store shared with the other gateways, started after the
+        # listeners and stopped after the drain; session ids carry the node name.
+        self.cluster: Any = cluster_store
+        self._cluster_limits: Any = None
+        self._cluster_problem: str | None = None
+        if config.cluster is not None:
+            import secrets
+
+            self.sessions = SessionRegistry(prefix=f"{config.cluster.node}.{secrets.token_hex(4)}", node=config.cluster.node)
         self.events = EventHub()
         self._subscribed = list(sinks)
         self._audit: AuditLogSink | None = None
@@ -277,6 +287,7 @@ class WingateMapService(MultiService):
             sessions=self.sessions,
             clock=self.reactor,
             metrics=self.metrics,
+            cluster=self._cluster_limits,
         )
 
     def _build(self, config: Config, audit: AuditLogSink | None) -> tuple[EventHub, dict[str, RelayFactory], dict[tuple[str, bool], Any]]:
@@ -285,7 +296,7 @@ class WingateMapService(MultiService):
         factory, and what each (mapping, intercept?) listener serves.  Reads TLS files.
         """
         # A worker reports each session to the primary first, before any handler can delay it.
-        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
+        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + self._stream_sinks() + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
         events = EventHub(sinks)
         # A worker's outgoing sockets, like its accepted ones, are reset if the worker dies.
         endpoints = self._endpoints or StandardEndpointFactory(self.reactor if self.worker_index == 0 else reset_on_death_reactor(self.reactor))
@@ -367,6 +378,7 @@ class WingateMapService(MultiService):
                 raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
         shared = os.path.join(self.worker_dir, "credentials.json") if self.worker_dir is not None else None
         self.credentials = CredentialStore(self.reactor, self.config.users, shared_path=shared)
+        self._build_cluster()
         self.events, self.factories, targets = self._build(self.config, self._audit)
         for key, target in targets.items():
             self._switch(key, target)
@@ -396,6 +408,7 @@ class WingateMapService(MultiService):
                 self._audit = None
             raise
         self._started = True
+        self._start_cluster()
         for warning in self.config.warnings:
             _log.warn("configuration: {warning}", warning=str(warning))
         for mapping in self.config.enabled_mappings():
@@ -424,6 +437,91 @@ class WingateMapService(MultiService):
         self._poller.start(self.config.service.adapter_poll_interval, now=False).addErrback(
             lambda f: _log.failure("adapter watcher stopped", f)
         )
+
+    def _build_cluster(self) -> None:
+        """
+        With C{[cluster]}: the store (unless one was given), the relay's cluster limits, and
+        logins kept in the store.
+        """
+        settings = self.config.cluster
+        if settings is None:
+            return
+        from .activity import session_json
+        from .cluster import ClusterLimits, RedisClusterStore, parse_redis_url
+
+        if self.cluster is None:
+            self.cluster = RedisClusterStore(
+                parse_redis_url(settings.redis), settings.node, settings.node_ttl, settings.events_stream, settings.events_maxlen,
+                reactor=self.reactor,
+                sessions=lambda: [session_json(s, self.reactor.seconds()) for s in self.sessions.live()],
+                on_kill=self._kill_here,
+            )
+        self._cluster_limits = ClusterLimits(self.cluster)
+        assert self.credentials is not None
+        self.credentials.cluster = self.cluster
+
+    def _stream_sinks(self) -> list[Any]:
+        """
+        The event sink feeding C{[cluster] events_stream}, if there is one.
+        """
+        if self.cluster is None or self.config.cluster is None or self.config.cluster.events_stream is None:
+            return []
+        from .cluster import StreamSink
+
+        return [StreamSink(self.cluster)]
+
+    def _kill_here(self, session_id: str) -> Any:
+        """
+        End C{session_id} if it runs here (a kill routed from another gateway): a Deferred
+        firing with C{True} once it has ended, or C{False} if it is not here.
+        """
+        if not self.sessions.kill(session_id):
+            return False
+        _log.info("cluster: session {session} killed at another gateway's request", session=session_id)
+        return self.sessions.when_gone(session_id).addCallback(lambda _: True)
+
+    def _start_cluster(self) -> None:
+        """
+        Connect the cluster store.  An unreachable Redis is not fatal (the gateway serves with
+        node-local state, /healthz says degraded, the store keeps trying); a node name another
+        live gateway holds is: the program exits with the error.
+        """
+        if self.cluster is None:
+            return
+        from .cluster import NodeNameTaken
+
+        def failed(failure: Failure) -> None:
+            if failure.check(NodeNameTaken):
+                self._cluster_fatal(str(failure.value))
+            else:
+                _log.warn("cluster: {why}", why=failure.getErrorMessage())
+
+        self.cluster.start().addErrback(failed)
+
+    def _cluster_fatal(self, problem: str) -> None:
+        """
+        The cluster refused this gateway (its node name is taken): as a program, exit with the
+        error (status 1); embedded, report it in /healthz (503).
+        """
+        self._cluster_problem = problem
+        _log.critical("{problem}", problem=problem)
+        if not self.standalone:
+            return
+        import sys
+
+        (sys.__stderr__ or sys.stderr).write(f"wingatemap: error: {problem}\n")
+
+        def exit_failed() -> None:
+            # twistd has no exit status of its own for a reactor stopped on purpose.
+            for stream in (sys.stdout, sys.stderr, sys.__stderr__):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
+        self.reactor.stop()
 
     def _open_admin(self, listen: str) -> IListeningPort:
         from .admin import listen_admin
@@ -476,6 +574,8 @@ class WingateMapService(MultiService):
             return problems
         if new.admin != self.config.admin:
             _log.warn("reload: [admin] changes take effect at the next restart")
+        if new.cluster != self.config.cluster:
+            _log.warn("reload: [cluster] changes take effect at the next restart")
         audit = self._audit
         try:
             if new.service.audit_log != self.config.service.audit_log:
@@ -619,8 +719,13 @@ class WingateMapService(MultiService):
         problems += [f"worker: {why}" for why in self._worker_problems()]
         if self._watcher_problem is not None:
             problems.append(f"adapter watcher: {self._watcher_problem}")
+        if self._cluster_problem is not None:
+            problems.append(f"cluster: {self._cluster_problem}")
         if problems:
             return 503, {"status": "failing", "problems": problems, **counts}
+        if self.cluster is not None and self.cluster.state != "up":
+            # Still serving (last known logins, node-local limits): a balancer must keep us.
+            return 200, {"status": "degraded", "problems": [f"cluster: no link to the shared store (node {self.cluster.node}); serving with node-local state"], **counts}
         return 200, {"status": "ok", **counts}
 
     def _worker_problems(self) -> list[str]:
@@ -797,6 +902,10 @@ class WingateMapService(MultiService):
             if not self._process_ending:
                 self._signals.restore()
         admin, self._admin_port = self._admin_port, None
+        closing = [] if admin is None else [admin.stopListening()]
+        if self.cluster is not None:
+            # After the drain: the last sessions' releases and events are written first.
+            closing.append(self.cluster.stop(deregister=True))
         if self._audit is not None:
             self._audit.close()
             self._audit = None
@@ -807,5 +916,5 @@ class WingateMapService(MultiService):
         if isinstance(result, Failure):
             _log.failure("error while stopping", result)
         _log.info("stopped")
-        return None if admin is None else admin.stopListening()
+        return gatherResults([d for d in closing if d is not None], consumeErrors=True) if closing else None
 

@@ -72,6 +72,7 @@ class Session:
     bytes_from_client: int = 0
     bytes_to_client: int = 0
     reason: str | None = None
+    node: str | None = None  # the [cluster] node name (set by the registry), else None
     terminate: Callable[[str], object] | None = field(default=None, repr=False)
 
     def fields(self, event: str, now: float) -> dict[str, Any]:
@@ -93,6 +94,7 @@ class Session:
             "destination": self.destination,
             "tls": self.tls,
             "rule": self.rule,
+            "node": self.node,
         }
 
     def connect_event(self, now: float) -> dict[str, Any]:
@@ -129,6 +131,9 @@ class SessionRegistry:
     _prefix: str = field(factory=lambda: secrets.token_hex(4))
     _counter: Any = field(factory=lambda: itertools.count(1))
     _empty_waiters: list[Deferred[None]] = field(factory=list)
+    # The [cluster] node name every session of this registry carries (SPEC §7), or None.
+    node: str | None = None
+    _gone_waiters: dict[str, list[Deferred[None]]] = field(factory=dict)
 
     def new_id(self) -> str:
         """
@@ -141,6 +146,7 @@ class SessionRegistry:
         Start tracking C{session}.
         """
         self._live[session.id] = session
+        session.node = self.node
         _count(self._per_mapping, self._per_client, session.mapping, session.client_ip, 1)
 
     def remove(self, session: Session) -> None:
@@ -149,6 +155,9 @@ class SessionRegistry:
         """
         if self._live.pop(session.id, None) is not None:
             _count(self._per_mapping, self._per_client, session.mapping, session.client_ip, -1)
+        if self._gone_waiters:
+            for d in self._gone_waiters.pop(session.id, ()):
+                d.callback(None)
         if not self._live:
             waiters, self._empty_waiters = self._empty_waiters, []
             for d in waiters:
@@ -210,6 +219,18 @@ class SessionRegistry:
             return False
         session.terminate(reason)
         return True
+
+    def when_gone(self, session_id: str) -> Deferred[None]:
+        """
+        A Deferred that fires once session C{session_id} has ended (its ClientDisconnect sent);
+        at once if it is not live.
+        """
+        d: Deferred[None] = Deferred()
+        if session_id not in self._live:
+            d.callback(None)
+        else:
+            self._gone_waiters.setdefault(session_id, []).append(d)
+        return d
 
     def terminate_all(self, reason: str) -> None:
         """

@@ -11,17 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import ClusterError, ClusterUnavailable, KillTimeout, NodeNameTaken
+from ._gateway import ClusterLimits, StreamSink
 from ._state import DOWN, UP
 from ._url import RedisAddress, parse_redis_url
 
 __all__ = [
     "ClusterError",
+    "ClusterLimits",
     "ClusterUnavailable",
     "DOWN",
     "KillTimeout",
     "NodeNameTaken",
     "RedisAddress",
     "RedisClusterStore",
+    "StreamSink",
     "UP",
     "parse_redis_url",
 ]

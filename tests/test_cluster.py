@@ -1,0 +1,383 @@
+"""
+Several gateways, one service (SPEC §7), end to end: a real redis-server and several
+C{twistd -n wingatemap run} gateway processes on loopback, with real clients from distinct
+127.x addresses and real echo servers as destinations.  Waits are on log lines, ports and
+bounded polls of the admin API or Redis; nothing sleeps for a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+import pytest
+
+from tests.helpers import free_port
+from tests.test_cluster_store import RedisServer
+from tests.test_end_to_end import TWISTD, Proc, wait_port
+
+NODE_TTL = 3
+MAPPING = "m"
+LIMIT = 2
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """
+    Poll C{condition} (an admin API request, a Redis read) until it returns something true;
+    bounded by C{timeout}.  Each poll is a real request; between them, a short select() on
+    nothing, as tests/test_end_to_end.py's wait_port does.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        select.select([], [], [], 0.05)
+
+
+class EchoServer:
+    """
+    A destination: says C{banner} and a newline when a client connects, then echoes.
+    """
+
+    def __init__(self, banner: str) -> None:
+        banner_bytes = (banner + "\n").encode()
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.sendall(banner_bytes)
+                while True:
+                    try:
+                        data = self.request.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    self.request.sendall(data)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        """
+        Stop accepting.
+        """
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Gateway:
+    """
+    One gateway process with its own node name, listener, admin API and audit log, sharing the
+    test's Redis.
+    """
+
+    def __init__(self, directory: str, node: str, redis_url: str, default_port: int, alice_port: int, proxy: bool = False) -> None:
+        self.node = node
+        self.directory = directory
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.audit_path = os.path.join(directory, f"events-{node}.jsonl")
+        self.config = os.path.join(directory, f"{node}.toml")
+        proxy_keys = 'proxy_protocol = true\nproxy_protocol_from = ["127.0.0.1"]\n' if proxy else ""
+        with open(self.config, "w") as f:
+            f.write(
+                f'[service]\naudit_log = "{self.audit_path}"\ndrain_timeout = 1\n'
+                f'[admin]\nlisten = "tcp:{self.admin_port}:interface=127.0.0.1"\n'
+                f'[cluster]\nredis = "{redis_url}"\nnode = "{node}"\nnode_ttl = {NODE_TTL}\n'
+                f'events_stream = "wingatemap:events"\n'
+                f'[users.alice]\nlocations = ["10.255.255.1"]\n'
+                f'[mappings.{MAPPING}]\nport = {self.port}\nbind = "127.0.0.1"\n{proxy_keys}'
+                f'max_connections_per_client = {LIMIT}\nlimits_scope = "cluster"\n'
+                f'default = {{ host = "127.0.0.1", port = {default_port} }}\n'
+                f'[[mappings.{MAPPING}.rules]]\nuser = "alice"\nto = {{ host = "127.0.0.1", port = {alice_port} }}\n'
+            )
+        self.proc: Proc | None = None
+
+    def start(self, wait_up: bool = True) -> "Gateway":
+        """
+        Start the process; wait until it listens and (C{wait_up}) its cluster link is up.
+        """
+        self.proc = Proc(TWISTD + ["-n", "--pidfile", "", "wingatemap", "run", "--config", self.config], cwd=self.directory)
+        if wait_up:
+            self.proc.wait_line(rf"cluster node {self.node}: link to the shared store is up", timeout=60)
+            self.proc.wait_line(rf"mapping {MAPPING}: listening on")
+            wait_port(self.admin_port)
+        return self
+
+    def stop(self) -> None:
+        """
+        SIGTERM and wait (a no-op once it has ended).
+        """
+        if self.proc is not None:
+            self.proc.stop()
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """
+        One admin API request: (status, JSON body).
+        """
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def events(self) -> list[dict[str, Any]]:
+        """
+        The audit log so far.
+        """
+        if not os.path.exists(self.audit_path):
+            return []
+        with open(self.audit_path) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+
+    def connect(self, client_ip: str) -> "Client":
+        """
+        A client from C{client_ip} connected to this gateway's mapping.
+        """
+        return Client(client_ip, self.port)
+
+
+class Client:
+    """
+    A blocking TCP client from a chosen loopback address.
+    """
+
+    def __init__(self, client_ip: str, port: int, proxy_port: int | None = None) -> None:
+        self.sock = socket.socket()
+        self.sock.settimeout(30)
+        self.sock.bind((client_ip, 0))
+        self.sock.connect(("127.0.0.1", port))
+        self._buffer = b""
+
+    def line(self) -> bytes:
+        """
+        The next line from the destination, or b"" when the gateway closed the connection.
+        """
+        while b"\n" not in self._buffer:
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                return b""
+            if not data:
+                return b""
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def echo(self, text: bytes) -> bool:
+        """
+        Whether C{text} comes back through the session.
+        """
+        self.sock.sendall(text + b"\n")
+        return self.line() == text
+
+    def close(self) -> None:
+        """
+        Close the connection.
+        """
+        self.sock.close()
+
+
+def redis_cli(redis: RedisServer, *args: str) -> str:
+    """
+    One redis-cli command against the test's server; its output, stripped.
+    """
+    exe = shutil.which("redis-cli")
+    assert exe, "redis-cli comes with redis-server"
+    return subprocess.run([exe, "-p", str(redis.port), "--raw", *args], capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """
+    A redis-server, two echo destinations (default: banner "default", alice's: "alice") and a
+    factory of gateways; everything is stopped at the end.
+    """
+    redis = RedisServer(str(tmp_path))
+    redis.start()
+    default, alice = EchoServer("default"), EchoServer("alice")
+    gateways: list[Gateway] = []
+
+    class Cluster:
+        def __init__(self) -> None:
+            self.redis = redis
+            self.gateways = gateways
+
+        def gateway(self, node: str, start: bool = True, **kwargs: Any) -> Gateway:
+            gw = Gateway(str(tmp_path), node, redis.url(), default.port, alice.port, **kwargs)
+            gateways.append(gw)
+            return gw.start() if start else gw
+
+    try:
+        yield Cluster()
+    finally:
+        for gw in gateways:
+            try:
+                gw.stop()
+            except Exception:
+                pass
+        redis.stop()
+        default.close()
+        alice.close()
+
+
+def session_of(gw: Gateway, client_ip: str) -> dict[str, Any]:
+    """
+    The one live session of C{client_ip} on C{gw}.
+    """
+    status, sessions = gw.api("GET", "/sessions")
+    assert status == 200
+    [found] = [s for s in sessions if s["client_ip"] == client_ip]
+    return found
+
+
+def test_login_on_one_gateway_is_honoured_on_another(cluster):
+    """
+    PUT /credentials on gateway A: a connection from that client address to gateway B is that
+    user (alice's rule picks her destination), in B's events with B's node name; the events
+    reach the shared stream; DELETE /credentials on B logs her out on A too.
+    """
+    a, b = cluster.gateway("gw-a"), cluster.gateway("gw-b")
+    assert a.api("PUT", "/credentials/127.0.0.5", {"user": "alice", "ttl": 600})[0] == 200
+    wait_until(lambda: any(e["client_ip"] == "127.0.0.5" for e in b.api("GET", "/credentials")[1]), "B to know the login")
+    client = b.connect("127.0.0.5")
+    assert client.line() == b"alice"
+    client.close()
+    wait_until(lambda: [e for e in b.events() if e["event"] == "ClientDisconnect"], "B's ClientDisconnect")
+    connect = [e for e in b.events() if e["event"] == "ClientConnect"][0]
+    assert connect["user"] == "alice" and connect["identity"] == "authenticated"
+    assert connect["node"] == "gw-b" and connect["session"].startswith("gw-b.")
+    stream = wait_until(lambda: [json.loads(line) for line in redis_cli(cluster.redis, "XRANGE", "wingatemap:events", "-", "+").splitlines() if line.startswith("{")], "the events stream")
+    assert {(e["event"], e["node"]) for e in stream} >= {("ClientConnect", "gw-b")}
+    assert b.api("DELETE", "/credentials/127.0.0.5")[0] == 200
+    wait_until(lambda: not any(e["client_ip"] == "127.0.0.5" for e in a.api("GET", "/credentials")[1]), "A to forget the login")
+    client = a.connect("127.0.0.5")
+    assert client.line() == b"default"
+    client.close()
+
+
+def counted(cluster: Any, client_ip: str) -> int:
+    """
+    How many sessions of C{client_ip} Redis counts against the cluster limit.
+    """
+    return int(redis_cli(cluster.redis, "HLEN", f"wingatemap:conn:{MAPPING}:{client_ip}") or 0)
+
+
+def test_cluster_limit_counts_across_three_gateways(cluster):
+    """
+    With limits_scope = "cluster" and max_connections_per_client = 2, a client with a session on
+    each of two gateways is refused on the third (reason limit, in that gateway's events); once
+    one of its sessions ends, the third gateway admits it.
+    """
+    gateways = [cluster.gateway(f"gw-{i}") for i in (1, 2, 3)]
+    first, second = gateways[0].connect("127.0.0.6"), gateways[1].connect("127.0.0.6")
+    assert first.line() == b"default" and second.line() == b"default"
+    third = gateways[2].connect("127.0.0.6")
+    assert third.line() == b""
+    third.close()
+    refused = wait_until(lambda: [e for e in gateways[2].events() if e["event"] == "ClientDisconnect"], "the refusal's event")
+    assert refused[0]["reason"] == "limit" and refused[0]["node"] == "gw-3"
+    first.close()
+    wait_until(lambda: counted(cluster, "127.0.0.6") == 1, "the first session's release")
+    again = gateways[2].connect("127.0.0.6")
+    assert again.line() == b"default" and again.echo(b"through gw-3")
+    again.close()
+    second.close()
+    wait_until(lambda: counted(cluster, "127.0.0.6") == 0, "every release")
+
+
+def test_kill_from_any_gateway_and_the_cluster_view(cluster):
+    """
+    GET /sessions?scope=cluster on one gateway lists another's session with its node; DELETE
+    /sessions/{id} there ends it where it runs (reason killed) and answers 200 only then; an
+    unknown id is 404; a gateway that hears the request but never answers makes it 504.
+    """
+    a, b, c = cluster.gateway("gw-a"), cluster.gateway("gw-b"), cluster.gateway("gw-c")
+    client = a.connect("127.0.0.7")
+    assert client.line() == b"default"
+    session = session_of(a, "127.0.0.7")
+    assert session["node"] == "gw-a"
+
+    def listed() -> list[dict[str, Any]]:
+        status, sessions = b.api("GET", "/sessions?scope=cluster")
+        return [s for s in sessions if s["session"] == session["session"]] if status == 200 else []
+
+    [seen] = wait_until(listed, "gw-a's session in the cluster view")
+    assert seen["node"] == "gw-a" and seen["client_ip"] == "127.0.0.7"
+    assert b.api("GET", "/sessions")[1] == []
+    assert b.api("DELETE", f"/sessions/{session['session']}") == (200, {"killed": session["session"]})
+    # Confirmed means ended: the event is already written on gw-a.
+    [ended] = [e for e in a.events() if e["event"] == "ClientDisconnect"]
+    assert ended["reason"] == "killed" and ended["node"] == "gw-a"
+    assert client.line() == b""
+    client.close()
+    assert b.api("DELETE", "/sessions/gw-a.nosuch-1")[0] == 404
+    assert c.proc is not None
+    c.proc.popen.send_signal(signal.SIGSTOP)
+    try:
+        status, body = b.api("DELETE", "/sessions/gw-a.nosuch-2")
+    finally:
+        c.proc.popen.send_signal(signal.SIGCONT)
+    assert status == 504 and "no gateway confirmed" in body["error"]
+
+
+def test_a_sigkilled_gateway_leaves_the_cluster_after_node_ttl(cluster):
+    """
+    A gateway killed with SIGKILL (no goodbye) leaves the cluster view and stops counting
+    against cluster limits once node_ttl has passed: the client it held at the limit is
+    admitted elsewhere again.
+    """
+    a, b = cluster.gateway("gw-a"), cluster.gateway("gw-b")
+    clients = [a.connect("127.0.0.8") for _ in range(LIMIT)]
+    assert all(c.line() == b"default" for c in clients)
+    wait_until(lambda: len([s for s in b.api("GET", "/sessions?scope=cluster")[1] if s["node"] == "gw-a"]) == LIMIT, "gw-a's sessions in the view")
+    refused = b.connect("127.0.0.8")
+    assert refused.line() == b""
+    refused.close()
+    assert a.proc is not None
+    a.proc.popen.kill()
+    a.proc.popen.wait(30)
+    killed_at = time.monotonic()
+    wait_until(lambda: not [s for s in b.api("GET", "/sessions?scope=cluster")[1] if s["node"] == "gw-a"], "gw-a to leave the view")
+    assert time.monotonic() - killed_at > NODE_TTL / 2  # its lease ran out; nothing removed it at once
+    admitted = b.connect("127.0.0.8")
+    assert admitted.line() == b"default"
+    admitted.close()
+    for c in clients:
+        c.close()
+
+
+def test_duplicate_node_name_is_refused_at_start(cluster):
+    """
+    A second gateway started with the node name of a live one exits with status 1 and a clear
+    error naming cluster.node; the first keeps running.
+    """
+    first = cluster.gateway("gw-same")
+    second = cluster.gateway("gw-same", start=False)
+    second.start(wait_up=False)
+    assert second.proc is not None
+    status = second.proc.finish(60)
+    assert status == 1
+    assert "wingatemap: error: cluster.node: another live gateway is registered as 'gw-same'" in second.proc.output()
+    assert first.api("GET", "/healthz") == (200, {"status": "ok", "sessions": 0, "listeners": 1, "workers": 1})
