@@ -41,6 +41,9 @@ def log_program(tmp_path, log, body=""):
 
 
 def lines(path):
+    """
+    The words a handler program wrote to C{path}.
+    """
     return path.read_text().split() if path.exists() else []
 
 
@@ -181,6 +184,10 @@ class Silent(protocol.Protocol):
 
 
 def pending_config(kind, port, dest_port, tmp_path):
+    """
+    A mapping with a limit of 1 whose connections stay pending (a PROXY header or a TLS
+    handshake to come), and the log text of a connection dropped over it.
+    """
     if kind == "proxy":
         return mapping_config(port, [("127.0.0.1", dest_port)], extra="proxy_protocol = true\nmax_connections_per_client = 1"), "max_connections_per_client (1) reached for 127.0.0.1"
     cert, key = PKI(tmp_path).server()

@@ -392,6 +392,9 @@ class HandlerSink(RecordingSink):
 
 
 def harness_with_handler(mapping):
+    """
+    A harness for C{mapping} whose event chain also has a L{HandlerSink}.
+    """
     harness = RelayHarness(mapping)
     handler = HandlerSink()
     harness.factory.runtime.events.subscribe(handler)
@@ -464,6 +467,9 @@ def test_rule_service_failure_still_gives_both_events():
 
 
 def pending_mapping(extra):
+    """
+    A mapping "m" expecting PROXY headers, with the C{extra} TOML lines.
+    """
     return parse_config(f"[mappings.m]\nport = 8080\nproxy_protocol = true\ndefault = \"192.0.2.10:80\"\n{extra}\n").mapping("m")
 
 

@@ -91,6 +91,10 @@ class _NoCloseNotify(TLSMemoryBIOProtocol):
 
 
 class _NoCloseNotifyFactory(TLSMemoryBIOFactory):
+    """
+    Builds L{_NoCloseNotify} TLS connections.
+    """
+
     protocol = _NoCloseNotify
 
 
