@@ -90,22 +90,26 @@ class Gateway:
     test's Redis.
     """
 
-    def __init__(self, directory: str, node: str, redis_url: str, default_port: int, alice_port: int, proxy: bool = False) -> None:
+    def __init__(
+        self, directory: str, node: str, redis_url: str, default_port: int, alice_port: int, proxy: bool = False,
+        address: str = "127.0.0.1", port: int | None = None, admin_port: int | None = None,
+    ) -> None:
         self.node = node
         self.directory = directory
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.address = address
+        self.port = port or free_port()
+        self.admin_port = admin_port or free_port()
         self.audit_path = os.path.join(directory, f"events-{node}.jsonl")
         self.config = os.path.join(directory, f"{node}.toml")
         proxy_keys = 'proxy_protocol = true\nproxy_protocol_from = ["127.0.0.1"]\n' if proxy else ""
         with open(self.config, "w") as f:
             f.write(
                 f'[service]\naudit_log = "{self.audit_path}"\ndrain_timeout = 1\n'
-                f'[admin]\nlisten = "tcp:{self.admin_port}:interface=127.0.0.1"\n'
+                f'[admin]\nlisten = "tcp:{self.admin_port}:interface={address}"\n'
                 f'[cluster]\nredis = "{redis_url}"\nnode = "{node}"\nnode_ttl = {NODE_TTL}\n'
                 f'events_stream = "wingatemap:events"\n'
                 f'[users.alice]\nlocations = ["10.255.255.1"]\n'
-                f'[mappings.{MAPPING}]\nport = {self.port}\nbind = "127.0.0.1"\n{proxy_keys}'
+                f'[mappings.{MAPPING}]\nport = {self.port}\nbind = "{address}"\n{proxy_keys}'
                 f'max_connections_per_client = {LIMIT}\nlimits_scope = "cluster"\n'
                 f'default = {{ host = "127.0.0.1", port = {default_port} }}\n'
                 f'[[mappings.{MAPPING}.rules]]\nuser = "alice"\nto = {{ host = "127.0.0.1", port = {alice_port} }}\n'
@@ -120,7 +124,7 @@ class Gateway:
         if wait_up:
             self.proc.wait_line(rf"cluster node {self.node}: link to the shared store is up", timeout=60)
             self.proc.wait_line(rf"mapping {MAPPING}: listening on")
-            wait_port(self.admin_port)
+            wait_port(self.admin_port, self.address)
         return self
 
     def stop(self) -> None:
@@ -135,7 +139,7 @@ class Gateway:
         One admin API request: (status, JSON body).
         """
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data, method=method)
+        request = urllib.request.Request(f"http://{self.address}:{self.admin_port}{path}", data=data, method=method)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read() or b"null")
@@ -155,7 +159,7 @@ class Gateway:
         """
         A client from C{client_ip} connected to this gateway's mapping.
         """
-        return Client(client_ip, self.port)
+        return Client(client_ip, self.port, self.address)
 
 
 class Client:
@@ -163,11 +167,11 @@ class Client:
     A blocking TCP client from a chosen loopback address.
     """
 
-    def __init__(self, client_ip: str, port: int, proxy_port: int | None = None) -> None:
+    def __init__(self, client_ip: str, port: int, address: str = "127.0.0.1") -> None:
         self.sock = socket.socket()
         self.sock.settimeout(30)
         self.sock.bind((client_ip, 0))
-        self.sock.connect(("127.0.0.1", port))
+        self.sock.connect((address, port))
         self._buffer = b""
 
     def line(self) -> bytes:
@@ -381,3 +385,185 @@ def test_duplicate_node_name_is_refused_at_start(cluster):
     assert status == 1
     assert "wingatemap: error: cluster.node: another live gateway is registered as 'gw-same'" in second.proc.output()
     assert first.api("GET", "/healthz") == (200, {"status": "ok", "sessions": 0, "listeners": 1, "workers": 1})
+
+
+class Pump:
+    """
+    Load on live sessions: a thread per client echoing 1 KiB lines back to back until stopped
+    (bounded by a count); failures are collected.
+    """
+
+    def __init__(self, clients: list[Client]) -> None:
+        self.stopping = threading.Event()
+        self.failures: list[str] = []
+        self.rounds = [0] * len(clients)
+        self.threads = [threading.Thread(target=self._run, args=(i, c), daemon=True) for i, c in enumerate(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, index: int, client: Client) -> None:
+        payload = b"x" * 1024
+        for _ in range(1_000_000):
+            if self.stopping.is_set():
+                return
+            try:
+                if not client.echo(payload):
+                    self.failures.append(f"client {index}: wrong echo or closed")
+                    return
+            except OSError as e:
+                self.failures.append(f"client {index}: {e}")
+                return
+            self.rounds[index] += 1
+
+    def progress(self) -> list[int]:
+        """
+        Echoes completed so far, per client.
+        """
+        return list(self.rounds)
+
+    def stop(self) -> None:
+        """
+        Stop and wait for every thread.
+        """
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def health(gw: Gateway) -> str:
+    """
+    What /healthz says (its status field).
+    """
+    return gw.api("GET", "/healthz")[1]["status"]
+
+
+def test_redis_stopped_and_restarted_under_load_drops_no_session(cluster):
+    """
+    Redis stops while sessions relay on two gateways: every session keeps relaying, /healthz
+    answers 200 degraded, new sessions are admitted on node-local limits (a client at the
+    limit on this gateway is still refused); when Redis is back (empty) the gateways return to
+    ok and publish their sessions and counts again; no session ended on the way.
+    """
+    a, b = cluster.gateway("gw-a"), cluster.gateway("gw-b")
+    clients = [gw.connect(f"127.0.0.{20 + i}") for i, gw in enumerate([a, b, a, b])]
+    assert all(c.line() == b"default" for c in clients)
+    pump = Pump(clients)
+    try:
+        wait_until(lambda: min(pump.progress()) > 0, "the load to flow")
+        cluster.redis.stop()
+        wait_until(lambda: health(a) == "degraded" and health(b) == "degraded", "/healthz degraded")
+        status, body = a.api("GET", "/healthz")
+        assert status == 200 and "cluster" in body["problems"][0]
+        before = pump.progress()
+        wait_until(lambda: all(n > m for n, m in zip(pump.progress(), before)), "relaying while Redis is down")
+        # 127.0.0.20 has one session on gw-a: a second one is admitted on the local count...
+        second = a.connect("127.0.0.20")
+        assert second.line() == b"default"
+        # ...and a third one is refused by it.
+        third = a.connect("127.0.0.20")
+        assert third.line() == b""
+        third.close()
+        cluster.redis.start()
+        wait_until(lambda: health(a) == "ok" and health(b) == "ok", "/healthz ok again", timeout=60)
+        # The counts, including the one admitted while down, are in the new Redis.
+        wait_until(lambda: counted(cluster, "127.0.0.20") == 2 and counted(cluster, "127.0.0.21") == 1, "the counts republished")
+        wait_until(lambda: len(a.api("GET", "/sessions?scope=cluster")[1]) == 5, "the session directory republished")
+        before = pump.progress()
+        wait_until(lambda: all(n > m for n, m in zip(pump.progress(), before)), "relaying after Redis is back")
+        assert pump.failures == []
+        second.close()
+    finally:
+        pump.stop()
+    assert pump.failures == []
+    ended = [e for gw in (a, b) for e in gw.events() if e["event"] == "ClientDisconnect" and e["reason"] != "limit"]
+    assert [e["client_ip"] for e in ended if e["client_ip"] != "127.0.0.20"] == []
+    for c in clients:
+        c.close()
+
+
+def haproxy_servers(stats_socket: str) -> dict[str, str]:
+    """
+    HAProxy's view of the gateways backend: server name -> status (UP, DOWN...).
+    """
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(stats_socket)
+        s.sendall(b"show stat\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    lines = data.decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
+    return {r["svname"]: r["status"] for r in rows if r["pxname"] == "gateways" and r["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+HAPROXY_CONFIG = """\
+global
+    stats socket {stats} mode 600 level admin
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend rdp
+    bind 127.0.0.1:{front}
+    default_backend gateways
+
+backend gateways
+    balance roundrobin
+    option httpchk
+    http-check send meth GET uri /healthz ver HTTP/1.1 hdr Host localhost:{admin}
+    http-check expect status 200
+    default-server inter 500ms fall 2 rise 1
+{servers}
+"""
+
+
+def test_haproxy_in_front_spreads_connections_over_the_gateways(cluster, tmp_path):
+    """
+    HAProxy (mode tcp, send-proxy-v2, health checks on /healthz) round-robins clients over
+    three gateways with proxy_protocol = true: each gateway gets its share, with the real
+    client address from the PROXY header; with Redis down every gateway stays in the pool
+    (/healthz 200 degraded) and connections still spread over all of them.
+    """
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    port, admin = free_port(), free_port()
+    gateways = [
+        cluster.gateway(f"gw-{i}", proxy=True, address=f"127.0.1.{i}", port=port, admin_port=admin) for i in (1, 2, 3)
+    ]
+    front, stats = free_port(), str(tmp_path / "haproxy.sock")
+    servers = "\n".join(
+        f"    server {gw.node} {gw.address}:{port} send-proxy-v2 check port {admin} source 127.0.0.1" for gw in gateways
+    )
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(stats=stats, front=front, admin=admin, servers=servers))
+    proxy = Proc([haproxy, "-db", "-f", str(config)])
+    try:
+        wait_until(lambda: os.path.exists(stats) and haproxy_servers(stats) == {gw.node: "UP" for gw in gateways}, "HAProxy to see every gateway up")
+
+        def spread(first: int) -> None:
+            for i in range(first, first + 6):
+                client = Client(f"127.0.0.{i}", front)
+                assert client.line() == b"default"
+                client.close()
+
+            def ended(gw: Gateway) -> list[dict[str, Any]]:
+                return [e for e in gw.events() if e["event"] == "ClientDisconnect" and first <= int(e["client_ip"].rsplit(".", 1)[1]) < first + 6]
+
+            wait_until(lambda: sum(len(ended(gw)) for gw in gateways) == 6, "every session's end")
+            for gw in gateways:
+                seen = ended(gw)
+                assert len(seen) == 2 and all(e["node"] == gw.node for e in seen)
+
+        spread(40)
+        cluster.redis.stop()
+        wait_until(lambda: all(health(gw) == "degraded" for gw in gateways), "/healthz degraded")
+        assert haproxy_servers(stats) == {gw.node: "UP" for gw in gateways}
+        spread(50)
+    finally:
+        proxy.stop()
