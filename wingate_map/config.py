@@ -46,7 +46,9 @@ _USER_KEYS = ("locations", "groups", "certificates")
 _RULE_KEYS = ("user", "group", "from", "not_from", "sni", "when", "to", "action")
 RESERVED_USERS = ("guest",)
 EVERYONE = "everyone"
-_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers", "adapter_poll_interval", "timezone")
+_SERVICE_KEYS = ("drain_timeout", "audit_log", "workers", "adapter_poll_interval", "timezone", "log_level", "log_format")
+LOG_LEVELS = ("debug", "info", "warn", "error")  # [service] log_level: the operational log's threshold
+LOG_FORMATS = ("text", "json")
 MAX_INTERCEPT_PORTS = 1024
 _MAPPING_KEYS = (
     "port",
@@ -289,6 +291,8 @@ class ServiceSettings:
     workers: int = 1
     adapter_poll_interval: float = 2.0
     timezone: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
 
 
 @frozen
@@ -441,6 +445,18 @@ class _Reader:
         value = table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             self.error(path, f"{_describe(value)} is not a valid {what}; expected an integer {lo}-{hi}")
+            return default
+        return value
+
+    def one_of(self, table: dict[str, Any], key: str, path: str, allowed: tuple[str, ...], default: str) -> str:
+        """
+        One of the words C{allowed}; C{default} when the key is absent.
+        """
+        value = table.get(key, default)
+        if value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6) if isinstance(value, str) else []
+            hint = f' (did you mean "{close[0]}"?)' if close else ""
+            self.error(path, f"{_describe(value)} is not allowed{hint}; expected one of {', '.join(allowed)}")
             return default
         return value
 
@@ -1164,6 +1180,8 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         except ValueError as e:
             reader.error("service.timezone", str(e))
             timezone = None
+    log_level = reader.one_of(service_table, "log_level", "service.log_level", LOG_LEVELS, "info")
+    log_format = reader.one_of(service_table, "log_format", "service.log_format", LOG_FORMATS, "text")
 
     interfaces = []
     for adapter, usage in reader.table(data, "interfaces", "interfaces").items():
@@ -1200,7 +1218,7 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
         handlers=handlers,
         max_running=max_running,
         cluster=cluster,
-        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll, timezone=timezone),
+        service=ServiceSettings(drain_timeout=drain_timeout, audit_log=audit_log, workers=workers, adapter_poll_interval=poll, timezone=timezone, log_level=log_level, log_format=log_format),
         interfaces=tuple(interfaces),
         mappings=tuple(mappings),
         users=users,

@@ -15,6 +15,7 @@ from twisted.python import usage
 from .bindings import plan_listeners
 from .config import DEFAULT_CONFIG_PATH, Config, load_config, parse_map_option, with_mappings
 from .errors import WingateMapError
+from .service import WingateMapService
 
 
 class RunOptions(usage.Options):
@@ -96,16 +97,38 @@ class Options(usage.Options):
             raise usage.UsageError("a subcommand is required: run")
 
 
+class ProgramService(WingateMapService):
+    """
+    The service as twistd's whole program: added to twistd's application, it also becomes its
+    log observer (C{[service] log_level} and C{log_format}, journald-friendly under systemd;
+    see L{wingate_map.logs}), written where twistd's own would be (C{--logfile}, rotation,
+    standard output).  twistd's C{--logger} and C{--syslog} still take precedence.
+
+    @ivar twistd_options: twistd's own options (C{--logfile}, C{--nodaemon}, ...), or L{None}.
+    """
+
+    twistd_options: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Join C{parent}; when it is twistd's application, log through L{ServiceLogObserver}.
+        """
+        if self.twistd_options is not None:
+            from .logs import install
+
+            install(parent, self, self.twistd_options)
+        super().setServiceParent(parent)
+
+
 def makeService(options: Options, reactor: Any = None) -> Any:
     """
     The service for C{twistd wingatemap run}: the whole program (SIGHUP reloads, systemd is
-    told, a start failure is one line; see L{WingateMapService}'s C{standalone}).
+    told, the log follows C{[service] log_level} / C{log_format}, a start failure is one
+    line; see L{WingateMapService}'s C{standalone} and L{ProgramService}).
     """
-    from .service import WingateMapService
-
     run = options.subOptions
     assert run is not None and run.loaded is not None
-    service = WingateMapService(
+    service = ProgramService(
         run.loaded,
         reactor=reactor,
         config_path=run.config_path,
@@ -114,6 +137,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     )
     service.spawn_workers = True
     twistd = getattr(options, "parent", None)  # twistd's own options, with --uid / --gid
+    service.twistd_options = twistd
     if twistd is not None and (twistd.get("uid") is not None or twistd.get("gid") is not None):
         service.run_as = (twistd.get("uid"), twistd.get("gid"))
     return service
