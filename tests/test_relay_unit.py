@@ -519,3 +519,26 @@ def test_a_pending_connection_that_ends_stops_counting():
     second.connectionLost()
     third, third_t = harness.accept(client_port=3)
     assert not third_t.aborted and harness.sessions.connections("m") == 1
+
+
+def test_limit_check_failure_still_gives_both_events():
+    """
+    When the cluster-wide limit check fails (before ClientConnect), the session still gets
+    ClientConnect and ClientDisconnect (no-destination), and no handler hears it.
+    """
+    from twisted.internet.defer import fail
+
+    class BrokenCluster:
+        def admit(self, mapping, session):
+            return fail(RuntimeError("store exploded"))
+
+        def ended(self, mapping, session):
+            pass
+
+    harness, handler = harness_with_handler(simple_mapping(DEST))
+    harness.factory.runtime.cluster = BrokenCluster()
+    client, client_t = harness.accept()
+    assert client_t.disconnecting
+    client.connectionLost()
+    assert [(e["event"], e.get("reason")) for e in harness.sink.events] == [("ClientConnect", None), ("ClientDisconnect", "no-destination")]
+    assert handler.events == []

@@ -201,13 +201,14 @@ class _DestinationFactory(Factory):
 class Phase(Enum):
     """
     Where a client connection is in its life.  It moves forward only:
-    PENDING -> DECIDING -> CONNECTING -> RELAYING -> ENDED, or to CLOSING from DECIDING or
-    CONNECTING (refused, or no destination could be reached), or from PENDING straight to
-    ENDED (dropped: it never became a session).
+    PENDING -> DECIDING -> ASKING -> CONNECTING -> RELAYING -> ENDED, or to CLOSING from
+    DECIDING, ASKING or CONNECTING (refused, or no destination could be reached), or from
+    PENDING straight to ENDED (dropped: it never became a session).
     """
 
     PENDING = "pending"  # accepted; its PROXY header or TLS handshake is still to come
-    DECIDING = "deciding"  # a session: the rule service and ClientConnect sinks decide
+    DECIDING = "deciding"  # a session: the rule service and the limits decide
+    ASKING = "asking"  # ClientConnect offered: waiting for the sinks' answer
     CONNECTING = "connecting"  # allowed: connecting the destination (and its TLS handshake)
     RELAYING = "relaying"  # both legs joined
     CLOSING = "closing"  # not relayed (refused, connect failed): the client is being closed
@@ -457,6 +458,7 @@ class RelayProtocol(Protocol):
                 self._refusal = "no-destination"
             else:
                 session.destination = str(decision.destinations[0])
+        self.phase = Phase.ASKING
         allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()), refused=self._refusal is not None)
         if isinstance(allowed, Deferred):
             return allowed.addCallback(self._allowed)
@@ -478,8 +480,9 @@ class RelayProtocol(Protocol):
 
     def _internal_error(self, failure: Failure) -> None:
         _log.failure("mapping {mapping}: session {session} failed while choosing a destination", failure, mapping=self.runtime.mapping.name, session=self.session.id)
-        if self._decision is None:
-            # The rule service failed: no handler has heard of this session, none will.
+        if self.phase is Phase.DECIDING:
+            # Failed before ClientConnect (in the rule service or a limit): no handler has
+            # heard of this session, none will.
             self._refusal = "no-destination"
             self.runtime.events.client_connect(self.session.connect_event(self.runtime.clock.seconds()), refused=True)
         self.phase = Phase.CLOSING
@@ -660,7 +663,7 @@ class RelayProtocol(Protocol):
             return
         self._client_eof = True
         self._first_close = self._first_close or "client-closed"
-        if self.phase in (Phase.DECIDING, Phase.CONNECTING) and self._reason is None:
+        if self.phase in (Phase.DECIDING, Phase.ASKING, Phase.CONNECTING) and self._reason is None:
             # Passed on once the destination is ready (see _wire): it may still answer.
             return
         peer = self.peer
@@ -820,7 +823,7 @@ class RelayProtocol(Protocol):
             self._idle_call = self.runtime.clock.callLater(timeout - idle, self._idle_check)
 
     def _maybe_finish(self) -> None:
-        if self.phase in (Phase.ENDED, Phase.DECIDING) or not self._client_lost:
+        if self.phase in (Phase.ENDED, Phase.DECIDING, Phase.ASKING) or not self._client_lost:
             return
         if self._connecting is not None or (self.peer is not None and not self._dest_lost):
             return
