@@ -328,8 +328,8 @@ def _can_run_as_nobody():
 def test_workers_under_twistd_uid_and_gid(tmp_path):
     """
     workers = 2 under twistd --uid=nobody --gid=nogroup: both processes relay, /metrics and
-    /sessions answer, /healthz says ok, and everything in the worker state directory belongs
-    to nobody.  A worker that dies then cannot be restarted without root: /healthz says so.
+    /sessions answer, /healthz says ok, and everything in the worker state directory and the
+    audit log belong to nobody.  A worker that dies then cannot be restarted without root: /healthz says so.
     """
     nobody = pwd.getpwnam("nobody")
     echo = EchoServer(b"hi")
@@ -356,6 +356,8 @@ def test_workers_under_twistd_uid_and_gid(tmp_path):
             for name in [root] + [os.path.join(root, f) for f in files if not f.endswith(".lock")]:
                 assert os.stat(name).st_uid == nobody.pw_uid, name
         assert 'process_cpu_seconds_total{worker="1"}' in metrics  # the worker answered the primary's scrape
+        audit = os.stat(tmp_path / "events.jsonl")  # opened as root before the drop, then given away
+        assert (audit.st_uid, audit.st_mode & 0o777) == (nobody.pw_uid, 0o640)
         for c in clients:
             c.close()
         os.kill(pid, signal.SIGKILL)

