@@ -736,7 +736,7 @@ class WingateMapService(MultiService):
             problems.append(f"cluster: {self._cluster_problem}")
         if problems:
             return 503, {"status": "failing", "problems": problems, **counts}
-        if self.cluster is not None and self.cluster.state != "up" and False:
+        if self.cluster is not None and self.cluster.state != "up":
             # Still serving (last known logins, node-local limits): a balancer must keep us.
             return 200, {"status": "degraded", "problems": [f"cluster: no link to the shared store (node {self.cluster.node}); serving with node-local state"], **counts}
         return 200, {"status": "ok", **counts}
