@@ -20,6 +20,7 @@ from typing import Any
 
 from attrs import evolve, field, frozen
 
+from .balance import MAX_WEIGHT, METHODS as BALANCE_METHODS
 from .errors import ConfigError, ConfigProblem
 from .locations import Location, parse_location
 from .tls import TLS_VERSIONS, ClientTls, ServerTls, check_pair, load_certificates
@@ -68,6 +69,8 @@ _MAPPING_KEYS = (
     "peek_sni",
     "peek_timeout",
     "limits_scope",
+    "balance",
+    "health_check",
 )
 _DESTINATION_KEYS = (
     "host",
@@ -81,7 +84,9 @@ _DESTINATION_KEYS = (
     "client_key",
     "min_tls",
     "proxy_protocol",
+    "weight",
 )
+_HEALTH_CHECK_KEYS = ("interval", "timeout", "fall", "rise")
 _DESTINATION_TLS_KEYS = ("server_name", "ca", "verify", "client_cert", "client_key", "min_tls")
 _SERVER_TLS_KEYS = ("cert", "key", "client_ca", "min_tls")
 
@@ -99,6 +104,7 @@ KEY_TABLES: dict[str, tuple[str, ...]] = {
     "mappings.NAME": _MAPPING_KEYS,
     "mappings.NAME.tls": _SERVER_TLS_KEYS,
     "mappings.NAME.rules[]": _RULE_KEYS,
+    "mappings.NAME.health_check": _HEALTH_CHECK_KEYS,
     "destination": _DESTINATION_KEYS,
 }
 
@@ -108,7 +114,7 @@ def key_paths() -> list[str]:
     Every configuration key the parser accepts, as documented paths (C{mappings.NAME.port}).
     """
     # Tables are documented by their own keys; [interfaces] takes any adapter name.
-    tables = {"events.ClientConnect", "events.ClientDisconnect", "mappings.NAME.rules", "mappings.NAME.tls"}
+    tables = {"events.ClientConnect", "events.ClientDisconnect", "mappings.NAME.rules", "mappings.NAME.tls", "mappings.NAME.health_check"}
     paths = ["interfaces.ADAPTER"]
     for table, keys in KEY_TABLES.items():
         if table:
@@ -131,6 +137,7 @@ class Destination:
     @ivar proxy_protocol: L{None}, C{"v1"} or C{"v2"}: send a PROXY header telling the
         destination who the real client is.
     @ivar tls: L{None} for plain TCP, else how to speak TLS to it.
+    @ivar weight: its share (1-256) under round-robin and least-connections balancing.
     """
 
     host: str | None = None
@@ -138,6 +145,7 @@ class Destination:
     endpoint: str | None = None
     proxy_protocol: str | None = None
     tls: ClientTls | None = None
+    weight: int = 1
 
     def __str__(self) -> str:
         if self.endpoint is not None:
@@ -147,12 +155,29 @@ class Destination:
 
 
 @frozen
+class HealthCheck:
+    """
+    A mapping's C{health_check} table: active checks of its destinations every C{interval}
+    seconds, each given C{timeout} seconds; C{fall} failures (checks or connections) in a row
+    make a destination down, C{rise} successful checks in a row make it up again.
+    """
+
+    interval: float = 5.0
+    timeout: float = 2.0
+    fall: int = 3
+    rise: int = 2
+
+
+@frozen
 class Mapping:
     """
     One TCP mapping: a service port on some adapters, relayed to a destination.
 
-    @ivar default: the destinations tried in order for a client no rule matches; empty when
+    @ivar default: the destinations tried for a client no rule matches; empty when
         unmatched clients are refused.
+    @ivar balance: how each destination list is used (L{BALANCE_METHODS}).
+    @ivar health_check: the active checks, or L{None} (passive marking only, with
+        L{HealthCheck}'s defaults for C{fall} and the retry interval).
     """
 
     name: str
@@ -173,6 +198,8 @@ class Mapping:
     peek_sni: bool = False
     peek_timeout: float = 2.0
     limits_scope: str = "node"
+    balance: str = "failover"
+    health_check: HealthCheck | None = None
 
     def ports(self) -> tuple[int, ...]:
         """
@@ -506,6 +533,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
         proxy = False
     proxy_protocol = proxy or None
     tls = _read_client_tls(reader, value, path)
+    weight = reader.integer(value, "weight", f"{path}.weight", 1, 1, MAX_WEIGHT, "weight")
     endpoint = value.get("endpoint")
     host = value.get("host")
     if endpoint is not None:
@@ -519,7 +547,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
         if problem:
             reader.error(f"{path}.endpoint", f"{_describe(endpoint)} is not a valid client endpoint: {problem}")
             return None
-        return Destination(endpoint=endpoint, proxy_protocol=proxy_protocol, tls=tls)
+        return Destination(endpoint=endpoint, proxy_protocol=proxy_protocol, tls=tls, weight=weight)
     if host is None:
         reader.error(f"{path}.host", "is required (or give endpoint)")
         return None
@@ -532,7 +560,7 @@ def _read_destination(reader: _Reader, value: Any, path: str) -> Destination | N
     port = reader.integer(value, "port", f"{path}.port", 0, 1, 65535, "port")
     if not port:
         return None
-    return Destination(host=host, port=port, proxy_protocol=proxy_protocol, tls=tls)
+    return Destination(host=host, port=port, proxy_protocol=proxy_protocol, tls=tls, weight=weight)
 
 
 def _read_destination_string(reader: _Reader, text: str, path: str) -> Destination | None:
@@ -918,6 +946,10 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
     if limits_scope not in LIMITS_SCOPES:
         reader.error(f"{path}.limits_scope", f"{_describe(limits_scope)} is not allowed; expected one of {', '.join(LIMITS_SCOPES)}")
         limits_scope = "node"
+    balance = reader.one_of(table, "balance", f"{path}.balance", BALANCE_METHODS, "failover")
+    health_check = _read_health_check(reader, table["health_check"], f"{path}.health_check") if "health_check" in table else None
+    if balance not in ("round-robin", "least-connections"):
+        _warn_unused_weights(reader, table, path, balance)
     if "peek_timeout" in table and not peek_sni:
         reader.error(f"{path}.peek_timeout", "is only allowed with peek_sni = true")
     if peek_sni and tls is not None:
@@ -947,7 +979,40 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         peek_sni=peek_sni,
         peek_timeout=peek_timeout,
         limits_scope=limits_scope,
+        balance=balance,
+        health_check=health_check,
     )
+
+
+def _read_health_check(reader: _Reader, value: Any, path: str) -> HealthCheck | None:
+    """
+    A mapping's C{health_check} table (every key optional, with L{HealthCheck}'s defaults).
+    """
+    if not isinstance(value, dict):
+        reader.error(path, f"must be a table like {{ interval = 5, timeout = 2, fall = 3, rise = 2 }}, not {_describe(value)}")
+        return None
+    reader.check_keys(value, path, _HEALTH_CHECK_KEYS)
+    interval = reader.number(value, "interval", f"{path}.interval", 5.0, 0.0, exclusive_minimum=True)
+    timeout = reader.number(value, "timeout", f"{path}.timeout", 2.0, 0.0, exclusive_minimum=True)
+    fall = reader.integer(value, "fall", f"{path}.fall", 3, 1, 100, "count")
+    rise = reader.integer(value, "rise", f"{path}.rise", 2, 1, 100, "count")
+    return HealthCheck(interval=interval, timeout=timeout, fall=fall, rise=rise)
+
+
+def _warn_unused_weights(reader: _Reader, table: dict[str, Any], path: str, balance: str) -> None:
+    """
+    Warn about C{weight} given where C{balance} does not use it (failover, source-hash).
+    """
+    lists = [(f"{path}.default", table.get("default"))]
+    rules = table.get("rules")
+    if isinstance(rules, list):
+        lists += [(f"{path}.rules[{i}].to", r.get("to")) for i, r in enumerate(rules) if isinstance(r, dict)]
+    for where, value in lists:
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, dict) and "weight" in item:
+                at = f"{where}[{i}]" if isinstance(value, list) else where
+                reader.warn(f"{at}.weight", f'not used: balance = "{balance}" ignores weights (only round-robin and least-connections use them)')
 
 
 def _read_cluster(reader: _Reader, data: dict[str, Any]) -> ClusterSettings | None:
