@@ -11,6 +11,7 @@ is the minimum unless C{min_tls = "1.3"}.
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any
 
 from attrs import frozen
@@ -259,8 +260,10 @@ def verify_error_text(errno: int) -> str:
 
 def describe_tls_failure(tls_protocol: Any, reason: Any) -> str:
     """
-    Why a TLS handshake failed, in words: the verification error if one was recorded, the
-    name mismatch from service_identity, or OpenSSL's error.
+    Why a TLS handshake failed, in words: the verification error if one was recorded (only
+    when the peer's certificate was checked: with C{verify = false} OpenSSL still records one,
+    and it is not the cause), the name mismatch from service_identity, the TLS alert the peer
+    sent, or OpenSSL's error.
     """
     value = getattr(reason, "value", reason)
     if value is not None and value.__class__.__name__ == "VerificationError":
@@ -271,7 +274,7 @@ def describe_tls_failure(tls_protocol: Any, reason: Any) -> str:
             wanted.append(name.decode() if isinstance(name, bytes) else str(name))
         return f"certificate name mismatch: the certificate is not valid for {', '.join(wanted) or 'the server name'}"
     connection = getattr(tls_protocol, CONNECTION_ATTRIBUTE, None)
-    code = _verify_result(connection) if connection is not None else 0
+    code = _verify_result(connection) if connection is not None and _verifies_peer(connection) else 0
     if code:
         return f"certificate verification failed: {verify_error_text(code)}"
     if value is None:
@@ -281,10 +284,44 @@ def describe_tls_failure(tls_protocol: Any, reason: Any) -> str:
         try:
             parts = [p[2] for p in value.args[0] if len(p) >= 3 and p[2]]
             if parts:
-                return "TLS error: " + "; ".join(parts)
+                return _alert_text(parts) or "TLS error: " + "; ".join(parts)
         except (TypeError, IndexError):
             pass
     return f"{name}: {value}" if str(value) else name
+
+
+def _verifies_peer(connection: Any) -> bool:
+    """
+    Whether this OpenSSL connection checks the peer's certificate (not so with C{verify = false}).
+    """
+    from OpenSSL import SSL
+
+    try:
+        return bool(connection.get_verify_mode() & SSL.VERIFY_PEER)
+    except Exception:
+        return True
+
+
+# TLS alerts a peer sends about our certificate (OpenSSL spells them "tlsv1 alert unknown ca",
+# "sslv3 alert bad certificate", ...): the peer refused it.
+_CERTIFICATE_ALERTS = ("unknown ca", "bad certificate", "certificate unknown", "unsupported certificate", "certificate revoked", "certificate expired", "access denied")
+
+
+def _alert_text(openssl_reasons: list[str]) -> str | None:
+    """
+    The TLS alert the peer sent, in words, if OpenSSL's reasons name one.
+    """
+    for reason in openssl_reasons:
+        match = re.search(r"alert (.+)$", reason)
+        if match is None:
+            continue
+        alert = match.group(1)
+        if alert == "certificate required":
+            return 'the server requires a client certificate and none was sent (TLS alert "certificate required"): set client_cert and client_key'
+        if alert in _CERTIFICATE_ALERTS:
+            return f'the peer refused our certificate (TLS alert "{alert}")'
+        return f'the peer ended the handshake with TLS alert "{alert}"'
+    return None
 
 
 def _key_pem(key: Any) -> bytes:
