@@ -541,6 +541,31 @@ class WingateMapService(MultiService):
 
         return listen_admin(self, listen)
 
+    def _admin_reload(self, new: Config) -> str | None:
+        """
+        What a reload to C{new} does to the admin API: its token (C{token} / C{token_file}) is
+        read from the running configuration at every request, so a new one applies at once;
+        only C{admin.listen} (and adding or removing C{[admin]}) waits for a restart, which is
+        logged.  A reload that would leave the open admin listener without a token on an
+        address that is not loopback is refused: the problem, or L{None}.
+        """
+        from .admin import _is_loopback
+
+        old_listen = self.config.admin.listen if self.config.admin is not None else None
+        new_listen = new.admin.listen if new.admin is not None else None
+        port = self._admin_port if self.worker_index == 0 else None
+        if port is not None and (new.admin is None or new.admin.token is None) and not _is_loopback(port.getHost()):
+            return (
+                f"admin.token: the admin API keeps listening on {old_listen} (not loopback) until the next restart, "
+                "and a reload cannot take its token away; keep admin.token or admin.token_file until then"
+            )
+        if new_listen != old_listen:
+            if old_listen is None:
+                _log.warn("reload: admin.listen {new} takes effect at the next restart; the admin API stays off until then", new=new_listen)
+            else:
+                _log.warn("reload: admin.listen takes effect at the next restart; the admin API keeps listening on {old} until then", old=old_listen)
+        return None
+
     def reload(self) -> list[str]:
         """
         Re-read the configuration file and apply it without dropping a session: new listeners
@@ -585,8 +610,10 @@ class WingateMapService(MultiService):
             for problem in problems:
                 _log.error("reload refused, the running configuration stays: {problem}", problem=problem)
             return problems
-        if new.admin != self.config.admin:
-            _log.warn("reload: [admin] changes take effect at the next restart")
+        admin_problem = self._admin_reload(new)
+        if admin_problem is not None:
+            _log.error("reload refused, the running configuration stays: {problem}", problem=admin_problem)
+            return [admin_problem]
         if new.cluster != self.config.cluster:
             _log.warn("reload: [cluster] changes take effect at the next restart")
         audit = self._audit
