@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -563,6 +564,12 @@ def test_haproxy_in_front_spreads_connections_over_the_gateways(cluster, tmp_pat
         spread(40)
         cluster.redis.stop()
         wait_until(lambda: all(health(gw) == "degraded" for gw in gateways), "/healthz degraded")
+        # HAProxy checks every gateway more than `fall` times while it is degraded...
+        checked = r'"GET /healthz HTTP/1.1" \d+'
+        for gw in gateways:
+            assert gw.proc is not None
+            gw.proc.wait_count(checked, sum(1 for line in gw.proc.lines if re.search(checked, line)) + 3)
+        # ...and keeps it in the pool.
         assert haproxy_servers(stats) == {gw.node: "UP" for gw in gateways}
         spread(50)
     finally:
