@@ -440,3 +440,38 @@ def test_rules_example_check_and_explain():
         assert out.stdout.strip().splitlines()[-1] == last, out.stdout
     bad = subprocess.run(WINGATEMAP + ["explain", "--config", path, "nosuch", "10.0.0.1"], capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and "no mapping called 'nosuch' (mappings: rdp)" in bad.stderr
+
+
+def test_systemd_unit_verifies(tmp_path):
+    """
+    systemd-analyze verify accepts docs/examples/wingatemap.service (its /opt/wingatemap/bin
+    commands pointed at this environment's wingatemap and twistd), and the unit keeps the
+    promises the deployment guide makes: notify, check-then-reload, the drain within
+    TimeoutStopSec, the nftables clean-up, the state directory and the token credential.
+    """
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze must be installed in CI")
+        pytest.skip("systemd-analyze is not installed")
+    bin_dir = os.path.dirname(shutil.which("twistd") or sys.executable)
+    if not os.path.exists(os.path.join(bin_dir, "wingatemap")):
+        pytest.skip(f"no wingatemap command next to twistd in {bin_dir}")
+    text = open(os.path.join(EXAMPLES, "wingatemap.service")).read()
+    unit = tmp_path / "wingatemap.service"
+    unit.write_text(text.replace("/opt/wingatemap/bin/", bin_dir + "/"))
+    result = subprocess.run([analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "wingatemap.service" not in result.stderr, result.stderr
+    settings = re.findall(r"^(\w+)=(.*)$", text, re.M)
+    assert ("Type", "notify") in settings
+    assert [v for k, v in settings if k == "ExecReload"] == [
+        "/opt/wingatemap/bin/wingatemap check --config /etc/wingatemap/wingatemap.toml",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    assert ("ExecStopPost", "-+/usr/sbin/nft delete table inet wingatemap") in settings
+    assert ("StateDirectory", "wingatemap") in settings
+    assert ("LoadCredential", "admin-token:/etc/wingatemap/admin-token") in settings
+    timeout = int(dict(settings)["TimeoutStopSec"])
+    from wingate_map.config import ServiceSettings
+
+    assert timeout > ServiceSettings().drain_timeout
