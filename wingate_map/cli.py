@@ -12,6 +12,7 @@ import sys
 from .bindings import plan_listeners
 from .config import DEFAULT_CONFIG_PATH, Config
 from .errors import ConfigError, WingateMapError
+from .version import version
 
 EXIT_INVALID = 2
 
@@ -42,27 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--sni", metavar="NAME", help="the server name the client asks for in its TLS ClientHello")
     explain.add_argument("--at", metavar="TIME", help="ask about this moment instead of now (ISO 8601, e.g. 2024-03-31T08:30, in [service] timezone)")
     return parser
-
-
-def version() -> str:
-    """
-    The installed wingatemap's version (the checkout's pyproject.toml when not installed).
-    """
-    from importlib.metadata import PackageNotFoundError, version as installed
-
-    try:
-        return installed("wingatemap")
-    except PackageNotFoundError:
-        import os
-        import re
-
-        pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
-        try:
-            with open(pyproject, encoding="utf-8") as f:
-                match = re.search(r'^version = "([^"]+)"', f.read(), re.MULTILINE)
-        except OSError:
-            match = None
-        return match.group(1) if match else "unknown"
 
 
 def _run(args: argparse.Namespace) -> int:

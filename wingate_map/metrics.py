@@ -142,7 +142,7 @@ class Metrics:
         @param now: the wall clock (unix time), for the reload timestamp.
         @param fetch: how a worker's exposition is asked for (L{fetch_metrics}).
         """
-        from .cli import version
+        from .version import version
 
         self.sessions = sessions
         self._configured = mappings
