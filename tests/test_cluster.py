@@ -27,10 +27,110 @@ import pytest
 from tests.helpers import free_port
 from tests.test_cluster_store import RedisServer
 from tests.test_end_to_end import TWISTD, Proc, wait_port
+from wingate_map.cluster import ClusterLimits
+from wingate_map.config import Destination, parse_config
+from wingate_map.service import WingateMapService
+from wingate_map.testing import FakeClusterBackend, FakeClusterStore, RelayHarness, simple_mapping
 
 NODE_TTL = 3
 MAPPING = "m"
 LIMIT = 2
+
+
+# --- in memory: the wiring on the fake store ---------------------------------------------------
+
+
+def gateway_in_memory(backend: FakeClusterBackend, node: str, limit: int = 1, scope: str = "cluster") -> tuple[RelayHarness, FakeClusterStore]:
+    """
+    One gateway's relay on the fake store: a mapping with a per-client limit of C{limit} in
+    C{scope}.
+    """
+    store = FakeClusterStore(backend, node)
+    store.start()
+    harness = RelayHarness(simple_mapping(Destination(host="192.0.2.10", port=80), max_connections_per_client=limit, limits_scope=scope), clock=backend.clock)
+    harness.factory.runtime.cluster = ClusterLimits(store)
+    return harness, store
+
+
+def test_cluster_limit_is_shared_and_released_once_in_memory():
+    """
+    With limits_scope = "cluster", a client's session on one gateway counts on another: the
+    second is refused (reason limit, both events), and once the first ends (counted out exactly
+    once) the other gateway admits it.
+    """
+    backend = FakeClusterBackend()
+    (a, _), (b, _) = gateway_in_memory(backend, "gw-a"), gateway_in_memory(backend, "gw-b")
+    first, _ = a.accept("10.0.0.5")
+    assert len(a.endpoints.attempts) == 1
+    a.endpoints.attempts[0].succeed()
+    refused, _ = b.accept("10.0.0.5")
+    assert b.endpoints.attempts == []
+    refused.connectionLost()
+    assert [e["event"] for e in b.sink.events] == ["ClientConnect", "ClientDisconnect"]
+    assert b.sink.of("ClientDisconnect")[0]["reason"] == "limit"
+    assert backend.counts[("test", "10.0.0.5")] == {first.session.id: "gw-a"}
+    a.endpoints.attempts[0].close()
+    first.connectionLost()
+    assert backend.counts[("test", "10.0.0.5")] == {}
+    b.accept("10.0.0.5")
+    assert len(b.endpoints.attempts) == 1
+
+
+def test_node_scope_mappings_never_ask_the_store_in_memory():
+    """
+    A mapping with limits_scope = "node" is decided on this gateway's count alone: nothing is
+    counted in the store, even at its limit on another gateway.
+    """
+    backend = FakeClusterBackend()
+    (a, _), (b, _) = gateway_in_memory(backend, "gw-a", scope="node"), gateway_in_memory(backend, "gw-b", scope="node")
+    a.accept("10.0.0.5")
+    b.accept("10.0.0.5")
+    assert len(a.endpoints.attempts) == len(b.endpoints.attempts) == 1
+    assert backend.counts == {}
+
+
+def test_store_down_admits_on_node_local_counts_and_counts_later_in_memory():
+    """
+    While the store is down a cluster-limited session is admitted on this gateway's own count
+    (no waiting), a second one over the local limit is refused, and the admitted one is counted
+    in the store when it is back.
+    """
+    backend = FakeClusterBackend()
+    a, store = gateway_in_memory(backend, "gw-a")
+    backend.stop()
+    first, _ = a.accept("10.0.0.6")
+    assert len(a.endpoints.attempts) == 1
+    second, _ = a.accept("10.0.0.6")
+    assert len(a.endpoints.attempts) == 1
+    second.connectionLost()
+    assert a.sink.of("ClientDisconnect")[0]["reason"] == "limit"
+    backend.start()
+    assert store.state == "up"
+    assert backend.counts[("test", "10.0.0.6")] == {first.session.id: "gw-a"}
+
+
+def test_health_is_degraded_while_only_the_cluster_link_is_down_in_memory():
+    """
+    /healthz answers 200 degraded (naming the cluster) while the shared store is down, and ok
+    again once it is back; sessions carry the node name and their ids start with it.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    backend = FakeClusterBackend()
+    config = parse_config('[cluster]\nredis = "redis://127.0.0.1:1/0"\nnode = "gw-x"\n[mappings.m]\nport = 1\nbind = "127.0.0.1"\n')
+    store = FakeClusterStore(backend, "gw-x")
+    service = WingateMapService(config, reactor=MemoryReactorClock(), cluster_store=store, standalone=False)
+    service.startService()
+    try:
+        assert service.health() == (200, {"status": "ok", "sessions": 0, "listeners": 1, "workers": 1})
+        backend.stop()
+        code, body = service.health()
+        assert code == 200 and body["status"] == "degraded" and body["problems"][0].startswith("cluster: ")
+        backend.start()
+        assert service.health()[1]["status"] == "ok"
+        assert service.sessions.new_id().startswith("gw-x.") and service.sessions.node == "gw-x"
+    finally:
+        service.stopService()
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
