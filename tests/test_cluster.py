@@ -325,11 +325,18 @@ def cluster(tmp_path):
     gateways: list[Gateway] = []
 
     class Cluster:
+        """
+        The test's Redis and its gateways.
+        """
+
         def __init__(self) -> None:
             self.redis = redis
             self.gateways = gateways
 
         def gateway(self, node: str, start: bool = True, **kwargs: Any) -> Gateway:
+            """
+            A gateway called C{node} on this Redis (started unless C{start} is false).
+            """
             gw = Gateway(str(tmp_path), node, redis.url(), default.port, alice.port, **kwargs)
             gateways.append(gw)
             return gw.start() if start else gw

@@ -392,6 +392,9 @@ class Sessions(_Json):
         return NOT_DONE_YET
 
     def _cluster_sessions(self, request: Any, own: list[dict[str, Any]]) -> Any:
+        """
+        C{GET /sessions?scope=cluster}: this gateway's live sessions and the other gateways'.
+        """
         store = self.service.cluster
         if store is None:
             return self.reply(request, 200, own)
@@ -405,6 +408,9 @@ class Sessions(_Json):
         return self._answer_later(request, store.cluster_sessions().addCallback(lambda found: (200, merged(found))))
 
     def _cluster_kill(self, request: Any, session_id: str) -> Any:
+        """
+        C{DELETE /sessions/ID} of a session not here: asked of the other gateways.
+        """
         from .cluster import ClusterUnavailable, KillTimeout
 
         store = self.service.cluster
