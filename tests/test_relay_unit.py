@@ -47,7 +47,7 @@ def test_client_connect_event_comes_before_connecting():
     [event] = harness.sink.of("ClientConnect")
     assert set(event) == {
         "event", "time", "session", "mapping", "client_ip", "client_port", "user", "identity",
-        "local_ip", "local_port", "original_dst", "destination", "tls", "rule", "node",
+        "local_ip", "local_port", "original_dst", "destination", "tls", "rule", "sni", "node",
     }
     assert event["client_ip"] == "127.0.0.9" and event["client_port"] == 40001
     assert event["destination"] == "192.0.2.10:80"

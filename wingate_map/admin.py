@@ -45,6 +45,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import provider
 
+from .health import combine_states
 from .activity import ACTIVITY_PAGE, MAX_LIMIT, ActivityQuery, merge, session_json, summarise
 from .errors import WingateMapError
 from .printable import printable
@@ -495,6 +496,24 @@ class ActivitySummary(_Json):
         return _reply_later(self, request, answers.addCallback(combine))
 
 
+class Destinations(_Json):
+    """
+    C{GET /destinations}: every destination of every list with its health (SPEC §4),
+    C{{"destinations": [{"mapping", "rule", "destination", "state", "since", "live", "total",
+    "last_error"}]}}.  With worker processes, each keeps its own health: the answers are
+    combined (L{combine_states}: down when any process sees it down, counts added up).
+    """
+
+    def render_GET(self, request: Any) -> Any:
+        if request.postpath and request.postpath != [b""]:
+            return self.reply(request, 404, {"error": "no such resource"})
+        own = self.service.destination_states()
+        if not self.service.worker_sockets():
+            return self.reply(request, 200, {"destinations": own})
+        answers = _ask_workers(self.service, b"/destinations", dict)
+        return _reply_later(self, request, answers.addCallback(lambda found: {"destinations": combine_states([own] + [a.get("destinations", []) for a in found])}))
+
+
 class Metrics(Resource):
     """
     C{GET /metrics}: Prometheus text format.
@@ -630,6 +649,7 @@ class AdminRoot(Resource):
         self.children_by_name = {
             b"sessions": Sessions(service),
             b"activity.json": ActivitySummary(service),
+            b"destinations": Destinations(service),
             b"metrics": Metrics(service),
             b"healthz": Health(service),
             b"reload": Reload(service),

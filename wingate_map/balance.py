@@ -88,11 +88,13 @@ class DestinationHealth:
     @ivar last_error: the last failed connection's or check's reason, or C{None}.
     """
 
-    def __init__(self, name: str, policy: HealthPolicy, clock: IReactorTime) -> None:
+    def __init__(self, name: str, policy: HealthPolicy, clock: IReactorTime, where: str = "") -> None:
         """
-        @param name: how logs name the destination (such as C{mapping rdp rule 2 10.0.0.30:3389}).
+        @param name: the destination as events spell it (C{10.0.0.30:3389}).
+        @param where: which list it is in, for logs (such as C{mapping rdp rule 2}).
         """
         self.name = name
+        self.where = where
         self.policy = policy
         self._clock = clock
         self.state = UP
@@ -188,11 +190,12 @@ class DestinationHealth:
         self.state = state
         self.since = self._clock.seconds()
         self._failed_connections = self._failed_checks = self._passed_checks = 0
+        where = f"{self.where}: " if self.where else ""
         if state == DOWN:
             self._next_retry = self.since + self.policy.interval
-            _log.warn("destination {destination} is down: {why}", destination=self.name, state=state, why=why)
+            _log.warn("{where}destination {destination} is down: {why}", where=where, destination=self.name, state=state, why=why)
         else:
-            _log.info("destination {destination} is up: {why}", destination=self.name, state=state, why=why)
+            _log.info("{where}destination {destination} is up: {why}", where=where, destination=self.name, state=state, why=why)
 
 
 class Attempt:
@@ -244,8 +247,10 @@ class Balancer:
         method: str = FAILOVER,
         weights: Sequence[int] | None = None,
         policy: HealthPolicy | None = None,
+        where: str = "",
     ) -> None:
         """
+        @param where: which list this is, for logs (such as C{mapping rdp rule 2}).
         @param names: the destinations as events spell them (C{host:port} or an endpoint),
             in the order written; source-hash hashes these names, so a reordered list keeps
             its clients.
@@ -263,7 +268,7 @@ class Balancer:
         self.names = tuple(names)
         self.method = method
         self.weights = tuple(weights)
-        self.health = tuple(DestinationHealth(name, policy, clock) for name in names)
+        self.health = tuple(DestinationHealth(name, policy, clock, where) for name in names)
         self._current = [0] * len(names)  # smooth weighted round robin's running weights
 
     def candidates(self, client_ip: str | None = None) -> list[int]:

@@ -33,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     kill = commands.add_parser("kill", help="end live sessions (through the admin API)")
     kill.add_argument("sessions", nargs="+", metavar="ID", help="session ids, as sessions lists them")
     reload = commands.add_parser("reload", help="ask the running service to re-read its configuration (through the admin API)")
-    for sub in (sessions, kill, reload):
+    destinations = commands.add_parser("destinations", help="show each destination's health, up or down (through the admin API)")
+    destinations.add_argument("--json", action="store_true", help="print the admin API's JSON objects instead of one line per destination")
+    destinations.add_argument("--mapping", metavar="NAME", help="only destinations of this mapping")
+    for sub in (sessions, kill, reload, destinations):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file with [admin] (default ./{DEFAULT_CONFIG_PATH})")
     for sub in (run, check, explain, rules):
         sub.add_argument("--config", "-c", default=None, help=f"configuration file (default ./{DEFAULT_CONFIG_PATH})")
@@ -200,26 +203,35 @@ def _sessions(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
-    if args.json:
+    columns = ["session", "mapping", "client", "user", "destination", "duration", "from_client", "to_client"]
+    rows = []
+    for s in body:
+        client = f"[{s['client_ip']}]:{s['client_port']}" if ":" in s["client_ip"] else f"{s['client_ip']}:{s['client_port']}"
+        rows.append([s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
+                     f"{s['duration']:.1f}s", str(s["bytes_from_client"]), str(s["bytes_to_client"])])
+    _print_listing(body, args.json, columns, rows, "(no live sessions)")
+    return 0
+
+
+def _print_listing(items: list[object], as_json: bool, columns: list[str], rows: list[list[str]], empty: str) -> None:
+    """
+    Print the admin API's C{items} as JSON, or as a table of C{rows} under C{columns}.
+    """
+    from .printable import printable
+
+    if as_json:
         import json
 
-        print(json.dumps(body, indent=2))
-        return 0
-    columns = ["session", "mapping", "client", "user", "destination", "duration", "from_client", "to_client"]
-    rows = [columns]
-    for s in body:
-        # Addresses, users and destinations can come from clients: escaped, so that no control
-        # character or escape sequence reaches the terminal.
-        client = f"[{s['client_ip']}]:{s['client_port']}" if ":" in s["client_ip"] else f"{s['client_ip']}:{s['client_port']}"
-        cells = [s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
-                 f"{s['duration']:.1f}s", str(s["bytes_from_client"]), str(s["bytes_to_client"])]
-        rows.append([printable(cell) for cell in cells])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
-    for row in rows:
+        print(json.dumps(items, indent=2))
+        return
+    # Addresses, users, names and errors can come from clients and servers: escaped, so that no
+    # control character or escape sequence reaches the terminal.
+    table = [columns] + [[printable(cell) for cell in row] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if not body:
-        print("(no live sessions)")
-    return 0
+    if not items:
+        print(empty)
 
 
 def _selected(session: dict[str, object], args: argparse.Namespace) -> bool:
@@ -263,6 +275,29 @@ def _kill(args: argparse.Namespace) -> int:
         why = body.get("error") if isinstance(body, dict) else body
         print(f"{printable(session)}: {printable(why)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _destinations(args: argparse.Namespace) -> int:
+    """
+    C{wingatemap destinations}: one line per destination of every list, with its host:port
+    and up or down (since when, live and total sessions, the last error).
+    """
+    from .printable import printable
+
+    try:
+        status, body = _admin_request(args.config, "GET", "/destinations")
+    except (ConfigError, WingateMapError) as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_INVALID
+    found = body.get("destinations") if isinstance(body, dict) else None
+    if status != 200 or not isinstance(found, list):
+        print(f"admin API answered {status}: {printable(body)}", file=sys.stderr)
+        return 1
+    found = [d for d in found if args.mapping is None or d.get("mapping") == args.mapping]
+    columns = ["destination", "state", "mapping", "rule", "since", "live", "total", "last_error"]
+    rows = [[d["destination"], d["state"], d["mapping"], str(d["rule"]), d["since"], str(d["live"]), str(d["total"]), d["last_error"] or "-"] for d in found]
+    _print_listing(found, args.json, columns, rows, "(no destinations)")
+    return 0
 
 
 def _reload(args: argparse.Namespace) -> int:
@@ -361,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         return _kill(args)
     if args.command == "reload":
         return _reload(args)
+    if args.command == "destinations":
+        return _destinations(args)
     return _check(args)
 
 

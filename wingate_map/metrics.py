@@ -60,6 +60,7 @@ DROPS = (
     "limit",  # over a connection limit before it became a session
 )
 DIRECTIONS = ("from_client", "to_client")
+DESTINATION_LABELS = ["mapping", "rule", "destination"]
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # Series only the primary's own registry contributes to a merged exposition (build info is
 # family "wingatemap_build" in a registry, "wingatemap_build_info" when parsed from text).
@@ -67,6 +68,9 @@ PRIMARY_ONLY = frozenset({"wingatemap_build", "wingatemap_build_info", "wingatem
 # Families whose series are per process (prometheus_client's process collector).
 PER_PROCESS_PREFIX = "process_"
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+# Gauges merged over processes by their lowest value, not their sum: a destination is up (1)
+# only while every process sees it up.
+MERGED_BY_MIN = frozenset({"wingatemap_destination_up"})
 WORKER_TIMEOUT = 5.0  # s a worker has to answer a scrape
 _PRUNE_AT = 1024  # ended-but-not-yet-removed session ids kept before pruning
 
@@ -110,7 +114,11 @@ class _Live:
         counter = CounterMetricFamily("wingatemap_bytes", "Bytes relayed, by direction, live sessions included", labels=["mapping", "direction"])
         for (mapping, direction), value in totals.items():
             counter.add_metric([mapping, direction], value)
-        return [gauge, counter]
+        up = GaugeMetricFamily("wingatemap_destination_up", "Whether a destination of a list is up (1) or down (0)", labels=DESTINATION_LABELS)
+        for found in metrics.destinations():
+            for health in found.balancer.health:
+                up.add_metric([found.mapping, str(found.rule), health.name], 1 if health.up else 0)
+        return [gauge, counter, up]
 
 
 @implementer(IEventSink)
@@ -133,6 +141,7 @@ class Metrics:
         reactor: Any = None,
         now: Callable[[], float] = time.time,
         fetch: Callable[[Any, str, float], Deferred[str]] | None = None,
+        destinations: Callable[[], Iterable[Any]] = tuple,
     ) -> None:
         """
         @param mappings: the names of the enabled mappings now (asked at every scrape).
@@ -141,6 +150,8 @@ class Metrics:
         @param reactor: what worker requests run on (the global reactor by default).
         @param now: the wall clock (unix time), for the reload timestamp.
         @param fetch: how a worker's exposition is asked for (L{fetch_metrics}).
+        @param destinations: the destination lists now (L{wingate_map.health.DestinationList}),
+            for the C{up} gauge and the check counters.
         """
         from .version import version
 
@@ -150,6 +161,7 @@ class Metrics:
         self._reactor = reactor
         self._now = now
         self._fetch = fetch or fetch_metrics
+        self.destinations = destinations
         self.mappings: dict[str, None] = {}
         self._ended: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -174,6 +186,10 @@ class Metrics:
             ["mapping"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
+        )
+        self.checks = Counter("wingatemap_destination_checks", "Active health checks of a destination", DESTINATION_LABELS, registry=registry)
+        self.check_failures = Counter(
+            "wingatemap_destination_check_failures", "Active health checks of a destination that failed", DESTINATION_LABELS, registry=registry
         )
         self.reloads = Counter("wingatemap_reloads", "Configuration reloads, by result", ["result"], registry=registry)
         self.last_reload = Gauge(
@@ -241,6 +257,15 @@ class Metrics:
         A destination connected after C{seconds}.
         """
         self._child(self.connect_latency, mapping).observe(seconds)
+
+    def destination_checked(self, mapping: str, rule: int | str, destination: str, passed: bool) -> None:
+        """
+        An active check of C{destination} in C{mapping}'s list C{rule} passed or failed.
+        """
+        labels = (mapping, str(rule), destination)
+        self._child(self.checks, *labels).inc()
+        if not passed:
+            self._child(self.check_failures, *labels).inc()
 
     def reloaded(self, success: bool) -> None:
         """
@@ -321,6 +346,12 @@ class Metrics:
     def _refresh_mappings(self) -> None:
         for mapping in self._configured():
             self._mapping(mapping)
+        # Every destination's check counters exist (at 0) from the start, like every series.
+        for found in self.destinations():
+            for health in found.balancer.health:
+                labels = (found.mapping, str(found.rule), health.name)
+                self._child(self.checks, *labels)
+                self._child(self.check_failures, *labels)
 
     def _mapping(self, mapping: str) -> None:
         """
@@ -395,7 +426,10 @@ def merge(parts: Iterable[tuple[int, Iterable[Metric]]], label_processes: bool =
                 if per_process:
                     labels["worker"] = str(index)
                 key = (sample.name, tuple(sorted(labels.items())))
-                into[key] = into.get(key, 0.0) + sample.value
+                if name in MERGED_BY_MIN and key in into:
+                    into[key] = min(into[key], sample.value)
+                else:
+                    into[key] = into.get(key, 0.0) + sample.value
     for name, family in merged.items():
         for (sample_name, labels), value in values[name].items():
             family.add_sample(sample_name, dict(labels), value)

@@ -69,6 +69,7 @@ class Session:
     identity: str | None = None
     destination: str | None = None
     rule: int | str | None = None
+    sni: str | None = None  # the server name the client asked for (peek_sni, TLS listener)
     bytes_from_client: int = 0
     bytes_to_client: int = 0
     reason: str | None = None
@@ -94,6 +95,7 @@ class Session:
             "destination": self.destination,
             "tls": self.tls,
             "rule": self.rule,
+            "sni": self.sni,
             "node": self.node,
         }
 

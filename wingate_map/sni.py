@@ -280,6 +280,15 @@ def _host_name(raw: bytes) -> str | None:
     return None
 
 
+def server_name(raw: bytes) -> str | None:
+    """
+    The name a client asked for in a TLS handshake wingatemap terminated (pyOpenSSL's
+    C{get_servername}), held to the same rules as a peeked one: lowercased, or C{None} unless
+    it is a well-formed host name.
+    """
+    return _host_name(raw)
+
+
 def check_sni_pattern(text: object) -> str | None:
     """
     Why C{text} is not a valid C{sni} pattern, or C{None} if it is one.
