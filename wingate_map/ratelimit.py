@@ -138,6 +138,12 @@ class Limiter:
     def __init__(self, buckets: Iterable[TokenBucket]) -> None:
         self.buckets = tuple(buckets)
 
+    def available(self) -> int:
+        """
+        How many bytes every bucket allows now (what a reader may read without holding any).
+        """
+        return min([2**62, *(bucket.available() for bucket in self.buckets)])
+
     def take(self, n: int) -> int:
         """
         Let up to C{n} bytes pass now: as many as every bucket allows, taken from all of them.
@@ -246,3 +252,63 @@ class Throttle:
             return
         self._wake = None
         self._resume()
+
+
+class RateLimits:
+    """
+    The buckets of every mapping's C{rate_limit} in one process: a session gets its own pair
+    (one per direction) and shares its client address's and its mapping's with the other
+    sessions of that mapping.  A shared bucket lives while a session uses it (a client that
+    comes back after all its sessions ended starts with a full burst).
+    """
+
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self._clock = clock
+        self._shared: dict[tuple[object, ...], list[object]] = {}  # key -> [bucket, users]
+
+    def _bucket(self, key: tuple[object, ...], bits: int) -> TokenBucket:
+        entry = self._shared.get(key)
+        if entry is None:
+            entry = self._shared[key] = [TokenBucket(bits / 8, clock=self._clock), 0]
+        entry[1] += 1  # type: ignore[operator]
+        return entry[0]  # type: ignore[return-value]
+
+    def _release(self, key: tuple[object, ...]) -> None:
+        entry = self._shared.get(key)
+        if entry is not None:
+            entry[1] -= 1  # type: ignore[operator]
+            if entry[1] <= 0:
+                del self._shared[key]
+
+    def session(self, mapping: str, client_ip: str, per_session: int | None, per_client: int | None, per_mapping: int | None) -> tuple[Limiter | None, Limiter | None, Callable[[], None]]:
+        """
+        The limiters of a new session of C{mapping} from C{client_ip}: (what the client sends,
+        what the destination sends, a call that releases its shared buckets when it ends).
+        Rates in bits per second, None for no limit; both limiters None when nothing limits it.
+        """
+        keys: list[tuple[object, ...]] = []
+        limiters: list[Limiter | None] = []
+        for direction in ("up", "down"):
+            buckets = []
+            if per_session:
+                buckets.append(TokenBucket(per_session / 8, clock=self._clock))
+            for key, bits in (((mapping, client_ip, per_client, direction), per_client), ((mapping, None, per_mapping, direction), per_mapping)):
+                if bits:
+                    keys.append(key)
+                    buckets.append(self._bucket(key, bits))
+            limiters.append(Limiter(buckets) if buckets else None)
+
+        def release() -> None:
+            for key in keys:
+                self._release(key)
+            keys.clear()
+
+        return limiters[0], limiters[1], release
+
+    def __len__(self) -> int:
+        """
+        How many shared buckets are in use.
+        """
+        return len(self._shared)
