@@ -23,7 +23,7 @@ import socket
 from enum import Enum
 from typing import Any
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IReactorTime
@@ -43,6 +43,7 @@ from .pump import CLIENT, IPumpOwner, SocketPump, TransportPump, take_over
 from .proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
 from .tls import describe_tls_failure, subject_common_name
 from .rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
+from .sni import ClientHelloReader, HelloResult, server_name
 from .sessions import Session, SessionRegistry
 
 _log = Logger()
@@ -66,6 +67,9 @@ class MappingRuntime:
     clock: IReactorTime
     metrics: Any = None
     cluster: Any = None  # wingate_map.cluster.ClusterLimits with [cluster], else None
+    # Each destination list's balancer and health (health.DestinationList), by rule index or
+    # "default"; a decision whose list is not here is tried in order, without health.
+    balancers: dict[Any, Any] = field(factory=dict)
     rate_limits: Any = None  # wingate_map.ratelimit.RateLimits (shared buckets), else None
     socket_pump: bool = True  # plain TCP legs relayed by pump.SocketPump (else Twisted's transports)
     proxy_from: LocationSet | None = field(init=False)
@@ -204,12 +208,13 @@ class _DestinationFactory(Factory):
 class Phase(Enum):
     """
     Where a client connection is in its life.  It moves forward only:
-    PENDING -> DECIDING -> ASKING -> CONNECTING -> RELAYING -> ENDED, or to CLOSING from
+    PENDING -> [PEEKING ->] DECIDING -> ASKING -> CONNECTING -> RELAYING -> ENDED, or to CLOSING from
     DECIDING, ASKING or CONNECTING (refused, or no destination could be reached), or from
     PENDING straight to ENDED (dropped: it never became a session).
     """
 
     PENDING = "pending"  # accepted; its PROXY header or TLS handshake is still to come
+    PEEKING = "peeking"  # a session (peek_sni): reading its TLS ClientHello for the server name
     DECIDING = "deciding"  # a session: the rule service and the limits decide
     ASKING = "asking"  # ClientConnect offered: waiting for the sinks' answer
     CONNECTING = "connecting"  # allowed: connecting the destination (and its TLS handshake)
@@ -266,6 +271,13 @@ class RelayProtocol(Protocol):
         self._limited: str | None = None
         self._original: tuple[str, int] | None = None  # the intercepted connection's destination
         self._connect_started = 0.0
+        self._info: ClientInfo | None = None  # what the rule service is asked about
+        self._peek: ClientHelloReader | None = None  # while PEEKING
+        self._peek_timer: Any = None
+        self._list: Any = None  # the decision's health.DestinationList, if the runtime has it
+        self._order: list[int] = []  # the destinations' indexes in the order to try them
+        self._try = 0  # the position in _order being tried
+        self._attempt: Any = None  # balance.Attempt of the destination being tried or relayed to
 
     # -- accept and decide -------------------------------------------------------------------
 
@@ -320,7 +332,9 @@ class RelayProtocol(Protocol):
             return
         certificate = self.transport.getPeerCertificate() if self.runtime.mapping.tls.client_ca else None
         self.transport.pauseProducing()
-        self._begin(_address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate))
+        handle = getattr(self.transport, "getHandle", None)
+        raw = handle().get_servername() if handle is not None else None
+        self._begin(_address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate), sni=server_name(raw) if raw else None)
 
     def _drop(self, peer_ip: str, peer_port: int, why: str, reason: str = "proxy-invalid") -> None:
         """
@@ -356,9 +370,10 @@ class RelayProtocol(Protocol):
         self._early = rest
         self._begin(header.source or (peer_ip, peer_port))
 
-    def _begin(self, client: tuple[str, int], tls: bool = False, certificate_cn: str | None = None) -> None:
+    def _begin(self, client: tuple[str, int], tls: bool = False, certificate_cn: str | None = None, sni: str | None = None) -> None:
         """
-        The client is known: open the session and ask the rule service.
+        The client is known: open the session and ask the rule service (after peeking at its
+        ClientHello with C{peek_sni}).
         """
         self._end_pending()
         self.phase = Phase.DECIDING
@@ -381,6 +396,7 @@ class RelayProtocol(Protocol):
             started=runtime.clock.seconds(),
             tls=tls,
             original_dst=original_dst,
+            sni=sni,
         )
         self.session.terminate = self.terminate
         runtime.sessions.add(self.session)
@@ -393,7 +409,73 @@ class RelayProtocol(Protocol):
             tls=tls,
             certificate_cn=certificate_cn,
             original_dst=original_dst,
+            sni=sni,
         )
+        if runtime.mapping.peek_sni and not tls:
+            self._start_peek(info)
+            return
+        self._ask(info)
+
+    # -- peek_sni: the server name from the ClientHello, the bytes kept for the destination -----
+
+    def _start_peek(self, info: ClientInfo) -> None:
+        """
+        Read the client's first bytes until its ClientHello's verdict or C{peek_timeout}; they
+        are kept (in C{_early}) and relayed untouched once the destination is connected.
+        """
+        self.phase = Phase.PEEKING
+        self._info = info
+        self._peek = ClientHelloReader()
+        if self._early:  # after a PROXY header
+            result = self._peek.feed(self._early)
+            if result is not None:
+                self._peeked(result)
+                return
+        self._peek_timer = self.runtime.clock.callLater(self.runtime.mapping.peek_timeout, self._peek_expired)
+        self.transport.resumeProducing()
+
+    def _peek_data(self, data: bytes) -> None:
+        assert self._peek is not None
+        self._early += data
+        result = self._peek.feed(data)
+        if result is not None:
+            self._peeked(result)
+
+    def _peek_expired(self) -> None:
+        self._peek_timer = None
+        if self._peek is not None:
+            self._peeked(self._peek.finish())
+
+    def _peeked(self, result: HelloResult) -> None:
+        """
+        The peek is over (a verdict, the timeout, or the client closed): decide with the
+        server name found, if any.
+        """
+        if self._peek_timer is not None and self._peek_timer.active():
+            self._peek_timer.cancel()
+        self._peek_timer = None
+        self._peek = None
+        if not self._client_lost and not self._client_eof:
+            self.transport.pauseProducing()
+        _log.debug(
+            "mapping {mapping}: session {session}: server name {sni} ({verdict}, {count} bytes peeked)",
+            mapping=self.runtime.mapping.name,
+            session=self.session.id,
+            sni=result.server_name,
+            verdict=result.reason,
+            count=len(self._early),
+        )
+        self.session.sni = result.server_name
+        info, self._info = self._info, None
+        assert info is not None
+        self._ask(evolve(info, sni=result.server_name))
+
+    def _ask(self, info: ClientInfo) -> None:
+        """
+        Ask the rule service where the client goes.
+        """
+        self.phase = Phase.DECIDING
+        runtime = self.runtime
         # Synchronous answers are used as they come (no Deferred per connection); a rule
         # service or sink may still answer with a Deferred.
         try:
@@ -461,13 +543,28 @@ class RelayProtocol(Protocol):
             elif decision.action == NO_DESTINATION or not decision.destinations:
                 self._refusal = "no-destination"
             else:
-                session.destination = str(decision.destinations[0])
+                self._choose(decision)
+                session.destination = str(decision.destinations[self._order[0]])
         self.phase = Phase.ASKING
         allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()), refused=self._refusal is not None)
         if isinstance(allowed, Deferred):
             return allowed.addCallback(self._allowed)
         self._allowed(allowed)
         return None
+
+    def _choose(self, decision: Decision) -> None:
+        """
+        The order in which to try the decision's destinations: the balancer's (the chosen one
+        first; down ones left out while another is up), or as written for a list the runtime
+        does not know (a custom rule service's).
+        """
+        found = self.runtime.balancers.get(decision.rule)
+        if found is not None and found.destinations == decision.destinations:
+            self._list = found
+            self._order = found.balancer.candidates(self.session.client_ip)
+        else:
+            self._list = None
+            self._order = list(range(len(decision.destinations)))
 
     def _allowed(self, allowed: bool) -> None:
         if self._client_lost or self._reason is not None:
@@ -502,10 +599,18 @@ class RelayProtocol(Protocol):
 
     # -- connect, with failover --------------------------------------------------------------
 
-    def _connect(self, index: int) -> None:
+    def _connect(self, position: int) -> None:
+        """
+        Connect the destination at C{position} of the order; each attempt gets
+        C{connect_timeout} and is reported to the destination's health.
+        """
         assert self._decision is not None
         self.phase = Phase.CONNECTING
+        index = self._order[position]
+        self._try = position
         destination = self._decision.destinations[index]
+        if self._list is not None:
+            self._attempt = self._list.balancer.health[index].connecting()
         runtime = self.runtime
         timeout = runtime.mapping.connect_timeout
         timed_out = []
@@ -540,7 +645,7 @@ class RelayProtocol(Protocol):
 
         self._connecting = d
         d.addBoth(settled)
-        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(destination,), errbackArgs=(index, timed_out))
+        d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(destination,), errbackArgs=(position, timed_out))
         d.addErrback(self._relay_error)
 
     def _connected(self, protocol: DestinationProtocol, destination: Destination) -> None:
@@ -554,6 +659,8 @@ class RelayProtocol(Protocol):
             # Nothing is relayed until the destination has proven who it is.
             self._dest_timer = self.runtime.clock.callLater(self.runtime.mapping.connect_timeout, self._dest_handshake_timeout)
             return
+        if self._attempt is not None:
+            self._attempt.succeeded()
         self._wire()
 
     def destination_handshake_done(self) -> None:
@@ -564,6 +671,8 @@ class RelayProtocol(Protocol):
             self._dest_timer.cancel()
         self._dest_timer = None
         if self.peer is not None and not self._dest_lost and self.phase is Phase.CONNECTING:
+            if self._attempt is not None:
+                self._attempt.succeeded()
             self._wire()
 
     def _dest_handshake_timeout(self) -> None:
@@ -604,12 +713,12 @@ class RelayProtocol(Protocol):
             self._idle_call = runtime.clock.callLater(runtime.mapping.idle_timeout, self._idle_check)
         self._pump.start(early, self._client_eof)
 
-    def _connect_failed(self, failure: Failure, index: int, timed_out: list[bool]) -> None:
+    def _connect_failed(self, failure: Failure, position: int, timed_out: list[bool]) -> None:
         if self._client_lost or self.phase is Phase.ENDED or self._reason is not None:
             self._maybe_finish()
             return
         assert self._decision is not None
-        destination = self._decision.destinations[index]
+        destination = self._decision.destinations[self._order[position]]
         reason = "connect-timeout" if timed_out or failure.check(TimeoutError) else "connect-failed"
         why = f"no connection within {self.runtime.mapping.connect_timeout:g}s" if timed_out else failure.getErrorMessage()
         if failure.check(CancelledError, ConnectingCancelledError) and not timed_out:
@@ -621,8 +730,10 @@ class RelayProtocol(Protocol):
             destination=str(destination),
             why=why,
         )
-        if index + 1 < len(self._decision.destinations):
-            self._connect(index + 1)
+        if self._attempt is not None:
+            self._attempt.failed(why)
+        if position + 1 < len(self._order):
+            self._connect(position + 1)
         else:
             self._refuse(reason)
 
@@ -635,6 +746,9 @@ class RelayProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._header_reader is not None:
             self._header_data(data)
+            return
+        if self.phase is Phase.PEEKING:
+            self._peek_data(data)
             return
         if self.phase is not Phase.RELAYING:
             # Already decrypted (or read with a PROXY header) before the client was paused.
@@ -668,6 +782,8 @@ class RelayProtocol(Protocol):
             return
         self._client_eof = True
         self._first_close = self._first_close or "client-closed"
+        if self.phase is Phase.PEEKING and self._peek is not None:
+            self._peeked(self._peek.finish())  # nothing more will come: decide now
         if self.phase in (Phase.DECIDING, Phase.ASKING, Phase.CONNECTING) and self._reason is None:
             # Passed on once the destination is ready (see _wire): it may still answer.
             return
@@ -737,6 +853,9 @@ class RelayProtocol(Protocol):
             self.phase = Phase.ENDED
             return
         self._first_close = self._first_close or "client-closed"
+        if self.phase is Phase.PEEKING and self._peek is not None:
+            self._peeked(self._peek.finish())  # decided (and ended) with what was read
+            return
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         if self._connecting is not None:
@@ -785,9 +904,11 @@ class RelayProtocol(Protocol):
             self._maybe_finish()
             return
         assert self._decision is not None
-        self._log_tls_failure(str(self._decision.destinations[self._dest_index]), why)
-        if self._dest_index + 1 < len(self._decision.destinations):
-            self._connect(self._dest_index + 1)
+        self._log_tls_failure(str(self._decision.destinations[self._order[self._try]]), why)
+        if self._attempt is not None:
+            self._attempt.failed(f"TLS failed: {why}")
+        if self._try + 1 < len(self._order):
+            self._connect(self._try + 1)
         else:
             self._refuse("tls-failed")
 
@@ -856,11 +977,13 @@ class RelayProtocol(Protocol):
             self._idle_call = self.runtime.clock.callLater(timeout - idle, self._idle_check)
 
     def _maybe_finish(self) -> None:
-        if self.phase in (Phase.ENDED, Phase.DECIDING, Phase.ASKING) or not self._client_lost:
+        if self.phase in (Phase.ENDED, Phase.PEEKING, Phase.DECIDING, Phase.ASKING) or not self._client_lost:
             return
         if self._connecting is not None or (self.peer is not None and not self._dest_lost):
             return
         self.phase = Phase.ENDED
+        if self._attempt is not None:
+            self._attempt.closed()
         if isinstance(self._pump, TransportPump):
             self._pump.stop()
         if self._release_limits is not None:

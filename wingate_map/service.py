@@ -32,6 +32,7 @@ from .events import AuditLogSink, EventHub, LogSink
 from .identity import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
 from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
 from .ratelimit import RateLimits
+from .health import DestinationList, HealthChecker, build_lists
 from .relay import MappingRuntime, RelayFactory
 from .rules import MappingRuleService
 from .sessions import SessionRegistry
@@ -165,6 +166,10 @@ class WingateMapService(MultiService):
         self._ruleset: str | None = None
         self._switches: dict[tuple[str, bool], _Switch] = {}
         self.metrics = self._new_metrics()
+        # Destination lists (balancers, health) of the running configuration, and the active
+        # checks of those with health_check (a child service, created at start).
+        self.checker: HealthChecker | None = None
+        self._kept_lists: dict[tuple[Any, ...], DestinationList] = {}
         self.credentials: CredentialStore | None = None
         self._admin_port: IListeningPort | None = None
         # Whether this service is the whole program (see the class docstring); None: decided
@@ -209,7 +214,13 @@ class WingateMapService(MultiService):
         This service's metrics: every enabled mapping's series from the start (also after a
         reload); in a primary with workers, C{/metrics} merges every process's.
         """
-        return Metrics(self.sessions, mappings=lambda: [m.name for m in self.config.enabled_mappings()], workers=self._running_workers, reactor=self._reactor)
+        return Metrics(
+            self.sessions,
+            mappings=lambda: [m.name for m in self.config.enabled_mappings()],
+            workers=self._running_workers,
+            reactor=self._reactor,
+            destinations=self.destination_lists,
+        )
 
     def _running_workers(self) -> list[tuple[int, int, str]]:
         """
@@ -295,6 +306,7 @@ class WingateMapService(MultiService):
             clock=self.reactor,
             metrics=self.metrics,
             cluster=self._cluster_limits,
+            balancers=build_lists(mapping, self.reactor, self._kept_lists),
             rate_limits=self._shared_rate_limits(),
             socket_pump=self._socket_pump,
         )
@@ -309,6 +321,8 @@ class WingateMapService(MultiService):
         Everything new connections of C{config} use: the event chain, each mapping's relay
         factory, and what each (mapping, intercept?) listener serves.  Reads TLS files.
         """
+        # Unchanged destination lists keep their balancer and health across a reload.
+        self._kept_lists = {found.key: found for found in self.destination_lists()}
         # A worker reports each session to the primary first, before any handler can delay it.
         sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + self._stream_sinks() + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
         events = EventHub(sinks)
@@ -321,6 +335,30 @@ class WingateMapService(MultiService):
             targets[(name, False)] = self._listening_factory(mapping, factory)
             targets[(name, True)] = self._listening_factory(mapping, RelayFactory(factory.runtime, intercepting=True))
         return events, factories, targets
+
+    def destination_lists(self) -> list[DestinationList]:
+        """
+        Every destination list of the enabled mappings (their balancers and health), in
+        configuration order.
+        """
+        return [found for factory in self.factories.values() for found in factory.runtime.balancers.values()]
+
+    def destination_states(self) -> list[dict[str, Any]]:
+        """
+        What C{GET /destinations} lists for this process: one entry per destination of every
+        list (mapping, rule, destination, state, since, live, total, last_error).
+        """
+        return [state for found in self.destination_lists() for state in found.states()]
+
+    def _check_destinations(self) -> None:
+        """
+        Point the active checker at the current destination lists (started with the service).
+        """
+        if self.checker is None:
+            self.checker = HealthChecker(self.reactor)
+            self.checker.setServiceParent(self)
+        self.checker.metrics = self.metrics
+        self.checker.update(factory.runtime for factory in self.factories.values())
 
     def _switch(self, key: tuple[str, bool], target: Any) -> "_Switch":
         switch = self._switches.get(key)
@@ -395,6 +433,7 @@ class WingateMapService(MultiService):
         self.credentials = CredentialStore(self.reactor, self.config.users, shared_path=shared)
         self._build_cluster()
         self.events, self.factories, targets = self._build(self.config, self._audit)
+        self._check_destinations()
         for key, target in targets.items():
             self._switch(key, target)
         opened: dict[Listener, IListeningPort] = {}
@@ -675,6 +714,7 @@ class WingateMapService(MultiService):
         self._audit = audit
         self.config = new
         self.events, self.factories = events, factories
+        self._check_destinations()
         assert self.credentials is not None
         self.credentials.set_users(new.users)
         for warning in new.warnings:
