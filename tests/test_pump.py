@@ -217,45 +217,53 @@ def test_half_close_is_passed_on_and_the_other_direction_keeps_flowing():
 
 def test_a_fin_waits_for_the_bytes_before_it():
     """
-    When the destination is slow, the client's FIN is sent only after every byte that came
-    before it.
+    A client that sent its first bytes and its FIN before the destination was ready: the FIN
+    reaches the destination only after every one of those bytes, however slowly it reads.
     """
     pump, reactor, owner, client, destination = make_pump()
-    pump.start()
-    total = 0
-    for _ in range(200):
-        try:
-            total += client.send(b"y" * 65536)
-        except BlockingIOError:
-            break
-        if pump.client in reactor.readers:
-            pump.client.doRead()
-    client.shutdown(socket.SHUT_WR)
+    early = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than the socket buffers hold
+    pump.start(early, client_eof=True)
+    assert pump.destination in reactor.writers, "the early bytes all fitted: the test proves nothing"
     received = b""
     for _ in range(10_000):
-        chunk = drain(destination)
-        received += chunk
+        received += drain(destination)
         run(reactor, 1)
-        if owner.eofs and not pump.destination.shut_pending and len(received) == total:
+        if len(received) == len(early):
             break
-    assert len(received) == total and at_end(destination)
-    assert owner.eofs == [CLIENT]
+    assert received == early and at_end(destination)
 
 
 def test_linger_set_by_a_worker_still_closes_in_order():
     """
     A worker's sockets are set to reset if the worker dies; an orderly end still delivers every
-    byte and a FIN (the pump clears it before closing).
+    byte and a FIN (the pump clears it before closing), also the bytes still in the kernel's
+    buffers, not yet read by a slow client, when the session ends.
     """
     pump, reactor, owner, client, destination = make_pump(linger=True)
     pump.start()
-    destination.sendall(b"last words")
+    answer = bytes(range(256)) * 4096  # 1 MiB, more than the client's receive buffer
+    sent = 0
+    for _ in range(10_000):
+        if sent < len(answer):
+            try:
+                sent += destination.send(answer[sent : sent + 65536])
+            except BlockingIOError:
+                pass
+        run(reactor, 1)
+        if sent == len(answer) and not pump.held():
+            break
+    assert sent == len(answer) and not pump.held(), "the answer does not fit the kernel's buffers"
     destination.shutdown(socket.SHUT_WR)
-    run(reactor)
     client.shutdown(socket.SHUT_WR)
     run(reactor)
-    assert owner.ended == [None]
-    assert drain(client) == b"last words" and at_end(client)
+    assert owner.ended == [None], "the session did not end before the client read"
+    received = b""
+    for _ in range(10_000):
+        chunk = drain(client)
+        received += chunk
+        if len(received) >= len(answer):
+            break
+    assert received == answer and at_end(client)
     assert at_end(destination)
 
 
