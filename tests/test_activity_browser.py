@@ -195,8 +195,10 @@ def test_activity_page_live_and_kill(tmp_path):
                 assert f"User {HOSTILE_USER} (assumed)" in page.locator("section[data-client='127.0.0.44']").inner_text()
                 assert page.locator("#sessions img").count() == 0
                 assert page.evaluate("() => window.pwned") is None
-                # No destination health to show yet (GET /destinations is not there): no such part.
-                assert page.locator("#destinations-part").is_hidden()
+                # The service's own GET /destinations: the desktop mapping's destination, up.
+                page.locator("#destinations-part").wait_for(state="visible", timeout=20000)
+                health = page.locator(f"#destinations tbody tr[data-destination='desktop 127.0.0.1:{echo.port}']").inner_text()
+                assert "default" in health and "up" in health
                 # The page's own API calls: no token in any URL, no Referer.
                 calls = [r for r in requests if "/sessions" in r.url]
                 assert calls and any(r.method == "DELETE" for r in calls)
@@ -229,8 +231,8 @@ def test_activity_page_live_and_kill(tmp_path):
 def test_activity_page_shows_destination_health(tmp_path):
     """
     Once the service answers C{GET /destinations} (SPEC §4's format), the page shows each
-    destination's state next to its mapping; here the browser itself answers that path, since
-    the service does not offer it yet.
+    destination's state next to its mapping, every field as text; here the browser itself
+    answers that path, to give it an error holding HTML.
     """
     sync_playwright = browser_or_skip()
     admin = free_port()
