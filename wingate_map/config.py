@@ -23,6 +23,7 @@ from attrs import evolve, field, frozen
 from .balance import MAX_WEIGHT, METHODS as BALANCE_METHODS
 from .errors import ConfigError, ConfigProblem
 from .locations import Location, parse_location
+from .ratelimit import parse_rate
 from .tls import TLS_VERSIONS, ClientTls, ServerTls, check_pair, load_certificates
 
 DEFAULT_CONFIG_PATH = "wingatemap.toml"
@@ -71,6 +72,7 @@ _MAPPING_KEYS = (
     "limits_scope",
     "balance",
     "health_check",
+    "rate_limit",
 )
 _DESTINATION_KEYS = (
     "host",
@@ -87,6 +89,7 @@ _DESTINATION_KEYS = (
     "weight",
 )
 _HEALTH_CHECK_KEYS = ("interval", "timeout", "fall", "rise")
+_RATE_LIMIT_KEYS = ("per_session", "per_client", "per_mapping")
 _DESTINATION_TLS_KEYS = ("server_name", "ca", "verify", "client_cert", "client_key", "min_tls")
 _SERVER_TLS_KEYS = ("cert", "key", "client_ca", "min_tls")
 
@@ -105,6 +108,7 @@ KEY_TABLES: dict[str, tuple[str, ...]] = {
     "mappings.NAME.tls": _SERVER_TLS_KEYS,
     "mappings.NAME.rules[]": _RULE_KEYS,
     "mappings.NAME.health_check": _HEALTH_CHECK_KEYS,
+    "mappings.NAME.rate_limit": _RATE_LIMIT_KEYS,
     "destination": _DESTINATION_KEYS,
 }
 
@@ -114,7 +118,7 @@ def key_paths() -> list[str]:
     Every configuration key the parser accepts, as documented paths (C{mappings.NAME.port}).
     """
     # Tables are documented by their own keys; [interfaces] takes any adapter name.
-    tables = {"events.ClientConnect", "events.ClientDisconnect", "mappings.NAME.rules", "mappings.NAME.tls", "mappings.NAME.health_check"}
+    tables = {"events.ClientConnect", "events.ClientDisconnect", "mappings.NAME.rules", "mappings.NAME.tls", "mappings.NAME.health_check", "mappings.NAME.rate_limit"}
     paths = ["interfaces.ADAPTER"]
     for table, keys in KEY_TABLES.items():
         if table:
@@ -169,6 +173,19 @@ class HealthCheck:
 
 
 @frozen
+class RateLimit:
+    """
+    A mapping's C{rate_limit} table: bits per second each direction of a session, of all the
+    sessions from one client address, and of all the mapping's sessions may pass (None: no
+    limit of that kind).
+    """
+
+    per_session: int | None = None
+    per_client: int | None = None
+    per_mapping: int | None = None
+
+
+@frozen
 class Mapping:
     """
     One TCP mapping: a service port on some adapters, relayed to a destination.
@@ -200,6 +217,7 @@ class Mapping:
     limits_scope: str = "node"
     balance: str = "failover"
     health_check: HealthCheck | None = None
+    rate_limit: RateLimit | None = None
 
     def ports(self) -> tuple[int, ...]:
         """
@@ -948,6 +966,7 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         limits_scope = "node"
     balance = reader.one_of(table, "balance", f"{path}.balance", BALANCE_METHODS, "failover")
     health_check = _read_health_check(reader, table["health_check"], f"{path}.health_check") if "health_check" in table else None
+    rate_limit = _read_rate_limit(reader, table["rate_limit"], f"{path}.rate_limit") if "rate_limit" in table else None
     if balance not in ("round-robin", "least-connections"):
         _warn_unused_weights(reader, table, path, balance)
     if "peek_timeout" in table and not peek_sni:
@@ -981,7 +1000,28 @@ def _read_mapping(reader: _Reader, name: str, table: Any, users: tuple[User, ...
         limits_scope=limits_scope,
         balance=balance,
         health_check=health_check,
+        rate_limit=rate_limit,
     )
+
+
+def _read_rate_limit(reader: _Reader, value: Any, path: str) -> RateLimit | None:
+    """
+    A mapping's C{rate_limit} table: rates such as C{"50Mbit"} (see L{parse_rate}), each key
+    optional.
+    """
+    if not isinstance(value, dict):
+        reader.error(path, f'must be a table like {{ per_session = "50Mbit", per_client = "100Mbit", per_mapping = "1Gbit" }}, not {_describe(value)}')
+        return None
+    reader.check_keys(value, path, _RATE_LIMIT_KEYS)
+    rates: dict[str, int | None] = {}
+    for key in _RATE_LIMIT_KEYS:
+        rates[key] = None
+        if key in value:
+            try:
+                rates[key] = parse_rate(value[key])
+            except ValueError as e:
+                reader.error(f"{path}.{key}", str(e))
+    return RateLimit(**rates) if any(rates.values()) else None
 
 
 def _read_health_check(reader: _Reader, value: Any, path: str) -> HealthCheck | None:
