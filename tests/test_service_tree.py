@@ -225,3 +225,54 @@ def test_children_are_named_services():
     assert all(child.running for child in service)
     service.stopService()
     assert not any(child.running for child in service)
+
+
+def can_bind(port: int) -> bool:
+    """
+    Whether 127.0.0.1:C{port} is free to listen on.
+    """
+    import socket
+
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+@pytest_twisted.inlineCallbacks
+def test_start_is_all_or_nothing_across_children(tmp_path):
+    """
+    When a child that starts after the listeners cannot open (the admin address is taken),
+    start-up fails naming admin.listen, and what opened before it is closed again: the
+    mapping's port can be bound by someone else, the audit log is closed.
+    """
+    import socket
+
+    import pytest
+
+    from wingate_map.config import parse_config
+    from wingate_map.errors import WingateMapError
+    from wingate_map.service import WingateMapService
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = free_port()
+    try:
+        config = parse_config(
+            f'[service]\naudit_log = "{tmp_path / "audit.jsonl"}"\n'
+            f'[admin]\nlisten = "tcp:{taken.getsockname()[1]}:interface=127.0.0.1"\n'
+            f'[mappings.m]\nport = {port}\nbind = "127.0.0.1"\ndefault = {{ host = "127.0.0.1", port = 9 }}\n'
+        )
+        service = WingateMapService(config, reactor=reactor())
+        with pytest.raises(WingateMapError, match="admin.listen"):
+            service.startService()
+        assert not service.getServiceNamed("audit-log").opened
+        assert service.listeners == []
+        yield wait_for(lambda: can_bind(port))  # the listener was closed (a reactor turn later)
+    finally:
+        taken.close()
