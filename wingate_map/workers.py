@@ -92,14 +92,16 @@ def worker_index() -> int:
 
 def runtime_dir() -> str:
     """
-    The private directory the processes share (worker sockets, logins), made by the primary.
+    The private directory the processes share (worker sockets, logins): in a worker, the one
+    its primary named in its environment; in the primary, a new one (its L{WorkerPool} passes
+    it to each worker's environment; this process's own environment is left alone, so that
+    another service in the process does not take it for its own).
     """
-    existing = os.environ.get(RUNTIME_ENV)
+    existing = os.environ.get(RUNTIME_ENV) if worker_index() > 0 else None
     if existing:
         return existing
     path = tempfile.mkdtemp(prefix="wingatemap-workers-")
     os.chmod(path, 0o700)
-    os.environ[RUNTIME_ENV] = path
     return path
 
 

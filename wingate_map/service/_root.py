@@ -1,10 +1,17 @@
 """
-The service tree: one listener per (mapping, address), the sessions, and an orderly stop.
+The root of the service tree: it builds what new connections use from the configuration,
+reloads it, answers C{/healthz}, and orders the start and the stop of its child services.
 
-Start-up is all or nothing: every listener is opened before any is announced, and if one cannot
-bind, the ones already opened are closed and L{BindError} names the mapping, address and port.
-Stopping closes the listeners at once, lets live sessions finish for C{drain_timeout} seconds,
-then ends the rest with reason C{shutdown}.
+Children, in the order they start: the audit log, the listeners, the interception table, the
+admin site, the worker processes (a primary's) or the link to the primary (a worker's), the
+active health checks, the cluster store, the adapter watcher and, for a service that is the
+whole program, the signal handlers and systemd notification.  Each opens and closes what it
+holds; see L{WingateMapService.stopService} for the order of the stop.
+
+Start-up is all or nothing: if a child cannot open (a listener cannot bind: L{BindError} names
+the mapping, address and port), the children opened before it are closed again.  Stopping
+closes the listeners at once, lets live sessions finish for C{drain_timeout} seconds, then ends
+the rest with reason C{shutdown}, then stops the other children.
 """
 
 from __future__ import annotations
@@ -12,38 +19,30 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
-from twisted.internet.tcp import makeBinding
-from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .bindings import Adapter, Listener, plan_listeners
-from .interception import TABLE, InterceptionError, install, redirects, remove, ruleset
-from .config import Config
-from .destinations import StandardEndpointFactory
-from .errors import BindError, BindingError, WingateMapError
-from .events import AuditLogSink, EventHub, LogSink
-from .identity import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
-from .interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
-from .ratelimit import RateLimits
-from .health import DestinationList, HealthChecker, build_lists
-from .relay import MappingRuntime, RelayFactory
-from .rules import MappingRuleService
-from .sessions import SessionRegistry
-from .credentials import CredentialStore
-from .handlers import build_handlers
-from .metrics import Metrics
-from .notify import Notifier
-from .signals import SignalHandlers
-from .workers import (
-    RUNTIME_ENV,
-    ResetOnDeathFactory,
+from ..bindings import Adapter, Listener, plan_listeners
+from ..interception import InterceptionError, redirects, ruleset
+from ..config import Config
+from ..destinations import StandardEndpointFactory
+from ..errors import BindError, WingateMapError
+from ..events import EventHub, LogSink
+from ..identity import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
+from ..interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
+from ..ratelimit import RateLimits
+from ..health import DestinationList, HealthChecker, build_lists
+from ..relay import MappingRuntime, RelayFactory
+from ..rules import MappingRuleService
+from ..sessions import SessionRegistry
+from ..credentials import CredentialStore
+from ..handlers import build_handlers
+from ..metrics import Metrics
+from ..notify import Notifier
+from ..workers import (
     WorkerPool,
     hand_over,
     reset_on_death_reactor,
@@ -53,15 +52,14 @@ from .workers import (
     worker_link,
     worker_socket,
 )
-from .tls import half_close_tls_factory, server_options
+from ..tls import half_close_tls_factory, server_options
+from ._listeners import Listeners, listen_description
+from ._parts import AdapterWatcher, AdminSite, AuditLog, ClusterMember, InterceptionTable, RuntimeDirectory, WorkerProcesses
+from ._program import ProgramSignals, SystemdNotify
 
-_log = Logger()
+__all__ = ["WingateMapService", "listen_description"]
 
-LISTEN_BACKLOG = 511
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+_log = Logger(namespace="wingate_map.service")
 
 
 def _describe(error: BaseException) -> str:
@@ -74,39 +72,17 @@ def _rule_timezone(config: Config) -> Any:
     """
     The zone the rules' C{when} schedules are read in: C{[service] timezone}, or the system's.
     """
-    from .schedule import load_timezone
+    from ..schedule import load_timezone
 
     return load_timezone(config.service.timezone)
 
 
-def listen_description(address: str, port: int) -> str:
-    """
-    The Twisted server endpoint string for a listener on C{address}:C{port}.
-    """
-    kind = "tcp6" if ":" in address else "tcp"
-    return f"{kind}:{port}:interface={_escape(address)}:backlog={LISTEN_BACKLOG}"
-
-
-class _Switch(Factory):
-    """
-    What a listening port serves, switchable on reload without closing the port.
-    """
-
-    noisy = False
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return self.target.buildProtocol(addr)
-
-    def logPrefix(self) -> str:
-        return self.target.logPrefix() if hasattr(self.target, "logPrefix") else "wingatemap"
-
-
 class WingateMapService(MultiService):
     """
-    Runs every enabled mapping of a configuration.
+    Runs every enabled mapping of a configuration: the root of a tree of child services (see
+    the module docstring), which only orders their start and stop.  It changes nothing
+    process-wide unless it is the whole program (C{standalone}), so several services can run
+    in one process on one reactor.
 
     @ivar sessions: the live sessions (see L{SessionRegistry}).
     @ivar events: the event chain; L{subscribe} adds sinks after the built-in ones.
@@ -157,31 +133,33 @@ class WingateMapService(MultiService):
             self.sessions = SessionRegistry(prefix=f"{config.cluster.node}.{secrets.token_hex(4)}", node=config.cluster.node)
         self.events = EventHub()
         self._subscribed = list(sinks)
-        self._audit: AuditLogSink | None = None
-        self._ports: dict[Listener, IListeningPort] = {}
         self.factories: dict[str, RelayFactory] = {}
         self._started = False
         self._warned: set[str] = set()
-        self._poller: LoopingCall | None = None
-        self._ruleset: str | None = None
-        self._switches: dict[tuple[str, bool], _Switch] = {}
         self.metrics = self._new_metrics()
+        # The children every service has (the others are added at the first start, as the
+        # configuration and the way it runs ask).
+        self._audit = AuditLog(config.service.audit_log)
+        self._audit.setServiceParent(self)
+        self._listeners = Listeners(self._reactor)
+        self._listeners.setServiceParent(self)
+        self._table = InterceptionTable(self._interception_script)
+        self._table.setServiceParent(self)
+        self._admin: AdminSite | None = None
+        self._watcher: AdapterWatcher | None = None
         # Destination lists (balancers, health) of the running configuration, and the active
         # checks of those with health_check (a child service, created at start).
         self.checker: HealthChecker | None = None
         self._kept_lists: dict[tuple[Any, ...], DestinationList] = {}
         self.credentials: CredentialStore | None = None
-        self._admin_port: IListeningPort | None = None
         # Whether this service is the whole program (see the class docstring); None: decided
         # at start, True under twistd (which calls privilegedStartService).
         self.standalone = standalone
-        self._signals: SignalHandlers | None = None
+        self._signals: ProgramSignals | None = None
         self._notifier: Notifier | None = None
         self._draining = False
         self._hurry = False  # end the drain at once (a second SIGTERM / SIGINT)
-        self._process_ending = False  # the reactor is shutting down
         self._watcher_problem: str | None = None
-        self._listener_problems: dict[Listener, str] = {}
         # Worker processes (see workers.py): only when built for twistd (spawn_workers) and
         # the configuration asks for more than one.
         self.spawn_workers = False
@@ -192,7 +170,7 @@ class WingateMapService(MultiService):
         # twistd's --uid / --gid (set by the twistd plugin): what this service creates before
         # the privilege drop (worker state, worker sockets) is given to them.
         self.run_as: tuple[int | None, int | None] | None = None
-        if config.service.workers > 1 and (self.worker_index > 0 or os.environ.get(RUNTIME_ENV)):
+        if config.service.workers > 1 and self.worker_index > 0:
             self._enable_workers()
 
     def _enable_workers(self) -> None:
@@ -281,7 +259,7 @@ class WingateMapService(MultiService):
         """
         The open listeners and their ports.
         """
-        return list(self._ports.items())
+        return list(self._listeners.ports.items())
 
     def _listening_factory(self, mapping: Any, factory: RelayFactory) -> Any:
         """
@@ -316,7 +294,7 @@ class WingateMapService(MultiService):
             self.rate_limits = RateLimits(self.reactor)
         return self.rate_limits
 
-    def _build(self, config: Config, audit: AuditLogSink | None) -> tuple[EventHub, dict[str, RelayFactory], dict[tuple[str, bool], Any]]:
+    def _build(self, config: Config) -> tuple[EventHub, dict[str, RelayFactory], dict[tuple[str, bool], Any]]:
         """
         Everything new connections of C{config} use: the event chain, each mapping's relay
         factory, and what each (mapping, intercept?) listener serves.  Reads TLS files.
@@ -324,7 +302,7 @@ class WingateMapService(MultiService):
         # Unchanged destination lists keep their balancer and health across a reload.
         self._kept_lists = {found.key: found for found in self.destination_lists()}
         # A worker reports each session to the primary first, before any handler can delay it.
-        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([audit] if audit else []) + self._stream_sinks() + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
+        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([self._audit] if config.service.audit_log else []) + self._stream_sinks() + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
         events = EventHub(sinks)
         # A worker's outgoing sockets, like its accepted ones, are reset if the worker dies.
         endpoints = self._endpoints or StandardEndpointFactory(self.reactor if self.worker_index == 0 else reset_on_death_reactor(self.reactor))
@@ -360,14 +338,6 @@ class WingateMapService(MultiService):
         self.checker.metrics = self.metrics
         self.checker.update(factory.runtime for factory in self.factories.values())
 
-    def _switch(self, key: tuple[str, bool], target: Any) -> "_Switch":
-        switch = self._switches.get(key)
-        if switch is None:
-            switch = self._switches[key] = _Switch(target)
-        else:
-            switch.target = target
-        return switch
-
     def _plan(self) -> list[Listener]:
         warnings: list[str] = []
         listeners = plan_listeners(self.config, None if self._adapters is None else self._adapters(), warnings)
@@ -377,41 +347,69 @@ class WingateMapService(MultiService):
                 _log.warn("{warning}", warning=warning)
         return listeners
 
-    def _open(self, listener: Listener) -> IListeningPort:
+    def _interception_script(self) -> str | None:
         """
-        Listen for C{listener}; L{BindError} if it cannot.
+        What the interception table should hold (only the primary owns it): L{None} when no
+        mapping intercepts transparently.
         """
-        factory = self._switches[(listener.mapping, listener.intercept)]
-        results: list[Any] = []
-        if self.multi_process:
-            # Every worker listens on the same address and port; the kernel spreads connections.
-            try:
-                binding = makeBinding(listener.address, listener.port, reuseAddress=True, reusePort=True)
-                served = ResetOnDeathFactory(factory) if self.worker_index > 0 else factory
-                results.append(self.reactor.listenTCP(binding, served, backlog=LISTEN_BACKLOG, interface=listener.address))
-            except CannotListenError:
-                results.append(Failure())
-        else:
-            endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
-            endpoint.listen(factory).addBoth(results.append)
-        if not results:
-            raise BindError(listener.mapping, listener.address, listener.port, "the endpoint did not listen synchronously")
-        if isinstance(results[0], Failure):
-            error = results[0].value
-            socket_error = getattr(error, "socketError", None)
-            why = getattr(socket_error, "strerror", None) or str(socket_error or error)
-            raise BindError(listener.mapping, listener.address, listener.port, why)
-        return results[0]
-
-    def _apply_interception(self) -> None:
         if self.worker_index > 0 or not any(m.intercept_transparent for m in self.config.enabled_mappings()):
-            # Only the primary owns the nftables table.
-            return
-        script = ruleset(redirects(self.config, self._ports))
-        if script != self._ruleset:
-            install(script)
-            self._ruleset = script
-            _log.info("transparent interception: nftables table inet {table} installed:\n{script}", table=TABLE, script=script)
+            return None
+        return ruleset(redirects(self.config, self._listeners.ports))
+
+    def _compose(self) -> None:
+        """
+        Add the children that depend on the configuration and on how this service runs, in
+        the order they start (the first start only; L{_listen} says which).
+        """
+        if self._admin is None:
+            if self.worker_index > 0 and self.worker_dir is not None:
+                private = worker_socket(self.worker_dir, self.worker_index)
+                self._admin = AdminSite(self, f"unix:{private}:mode=600", private_socket=private)
+            elif self.config.admin is not None:
+                self._admin = AdminSite(self, self.config.admin.listen)
+            if self._admin is not None:
+                self._admin.setServiceParent(self)
+        if self.worker_index == 0 and self.multi_process and self._pool is None:
+            assert self.worker_dir is not None
+            self._pool = WorkerPool(
+                self.reactor,
+                self.config.service.workers,
+                self.worker_dir,
+                on_exit=self.metrics.process_gone,
+                on_lost=lambda event: self.events.client_disconnect(event),
+            )
+            WorkerProcesses(self._pool).setServiceParent(self)
+            RuntimeDirectory(self.worker_dir).setServiceParent(self)
+        self._check_destinations()
+        if self.cluster is not None and "cluster" not in self.namedServices:
+            ClusterMember(self.cluster, self._cluster_fatal).setServiceParent(self)
+        if self._watcher is None:
+            self._watcher = AdapterWatcher(self.reactor, self.config.service.adapter_poll_interval, self._watch)
+            self._watcher.setServiceParent(self)
+        if self.standalone and self._signals is None:
+            self._signals = ProgramSignals(self.reactor, self.worker_index, self._sighup, self.end_drain)
+            self._signals.setServiceParent(self)
+        if self.standalone and self.worker_index == 0 and "systemd-notify" not in self.namedServices:
+            notifier = Notifier.from_environment()
+            if notifier is not None:
+                self._notifier = notifier
+                SystemdNotify(notifier, self._status_line).setServiceParent(self)
+
+    def _open_children(self) -> None:
+        """
+        Open what every child holds, in order, or nothing: when one fails, the ones opened
+        before it are closed again and the error is raised.
+        """
+        opened = []
+        try:
+            for child in self:
+                child.privilegedStartService()
+                opened.append(child)
+        except BaseException:
+            for child in reversed(opened):
+                if getattr(child, "opened", False):
+                    child.stopService()
+            raise
 
     def _listen(self) -> None:
         """
@@ -422,75 +420,28 @@ class WingateMapService(MultiService):
                 self._enable_workers()
             else:
                 _log.warn("service.workers = {n}: worker processes are started only under twistd / wingatemap run; running one process", n=self.config.service.workers)
-        listeners = self._plan()
-        if self.config.service.audit_log:
-            try:
-                self._audit = AuditLogSink(self.config.service.audit_log)
-                self._give_audit_log(self.config.service.audit_log)
-            except OSError as e:
-                raise WingateMapError(f"service.audit_log: cannot open {self.config.service.audit_log}: {e.strerror or e}") from None
+        self._listeners.reactor = self.reactor
+        self._listeners.wanted = self._plan()
+        self._listeners.shared = self.multi_process
+        self._listeners.reset_on_death = self.worker_index > 0
+        self._audit.run_as = self.run_as
         shared = os.path.join(self.worker_dir, "credentials.json") if self.worker_dir is not None else None
         self.credentials = CredentialStore(self.reactor, self.config.users, shared_path=shared)
         self._build_cluster()
-        self.events, self.factories, targets = self._build(self.config, self._audit)
-        self._check_destinations()
-        for key, target in targets.items():
-            self._switch(key, target)
-        opened: dict[Listener, IListeningPort] = {}
-        try:
-            for listener in listeners:
-                opened[listener] = self._open(listener)
-            self._ports = opened
-            self._apply_interception()
-            if self.worker_index > 0 and self.worker_dir is not None:
-                self._admin_port = self._open_admin(f"unix:{worker_socket(self.worker_dir, self.worker_index)}:mode=600")
-                hand_over([worker_socket(self.worker_dir, self.worker_index)], self.run_as)
-            elif self.config.admin is not None:
-                self._admin_port = self._open_admin(self.config.admin.listen)
-        except BaseException:
-            self._ports = {}
-            for port in opened.values():
-                port.stopListening()
-            if self._ruleset is not None:
-                try:
-                    remove()
-                except InterceptionError:
-                    pass
-                self._ruleset = None
-            if self._audit is not None:
-                self._audit.close()
-                self._audit = None
-            raise
+        self.events, self.factories, targets = self._build(self.config)
+        self._listeners.point(targets)
+        self._compose()
+        self._open_children()
         self._started = True
-        self._start_cluster()
         for warning in self.config.warnings:
             _log.warn("configuration: {warning}", warning=str(warning))
         for mapping in self.config.enabled_mappings():
-            addresses = ", ".join(str(l) for l in opened if l.mapping == mapping.name and not l.intercept)
+            addresses = ", ".join(str(l) for l in self._listeners.ports if l.mapping == mapping.name and not l.intercept)
             default = " | ".join(str(d) for d in mapping.default) or "(none: unmatched clients are refused)"
             _log.info("mapping {mapping}: listening on {addresses}; default destination {default}", mapping=mapping.name, addresses=addresses or "(no address yet)", default=default)
             if mapping.intercept:
                 ports = ", ".join(str(p) for p in mapping.intercept)
                 _log.info("mapping {mapping}: intercepting port(s) {ports}{how}", mapping=mapping.name, ports=ports, how=" transparently (any destination)" if mapping.intercept_transparent else "")
-        if self.standalone:
-            self._install_signals()
-        if self.worker_index == 0 and self.multi_process:
-            self._pool = WorkerPool(
-                self.reactor,
-                self.config.service.workers,
-                self.worker_dir,
-                on_exit=self.metrics.process_gone,
-                on_lost=lambda event: self.events.client_disconnect(event),
-            )
-            # At once: under twistd this is before the privilege drop, so the workers bind the
-            # same ports as root (SO_REUSEPORT shares a port only within one user), then drop.
-            self._pool.start()
-            _log.info("starting {n} worker processes sharing the listeners (SO_REUSEPORT)", n=self.config.service.workers - 1)
-        self._poller = LoopingCall(self._watch)
-        self._poller.clock = self.reactor
-        self._poller.start(self.config.service.adapter_poll_interval, now=False).addErrback(
-            lambda f: _log.failure("adapter watcher stopped", f)
-        )
 
     def _build_cluster(self) -> None:
         """
@@ -500,8 +451,8 @@ class WingateMapService(MultiService):
         settings = self.config.cluster
         if settings is None:
             return
-        from .activity import session_json
-        from .cluster import ClusterLimits, RedisClusterStore, parse_redis_url
+        from ..activity import session_json
+        from ..cluster import ClusterLimits, RedisClusterStore, parse_redis_url
 
         if self.cluster is None:
             self.cluster = RedisClusterStore(
@@ -520,7 +471,7 @@ class WingateMapService(MultiService):
         """
         if self.cluster is None or self.config.cluster is None or self.config.cluster.events_stream is None:
             return []
-        from .cluster import StreamSink
+        from ..cluster import StreamSink
 
         return [StreamSink(self.cluster)]
 
@@ -533,24 +484,6 @@ class WingateMapService(MultiService):
             return False
         _log.info("cluster: session {session} killed at another gateway's request", session=session_id)
         return self.sessions.when_gone(session_id).addCallback(lambda _: True)
-
-    def _start_cluster(self) -> None:
-        """
-        Connect the cluster store.  An unreachable Redis is not fatal (the gateway serves with
-        node-local state, /healthz says degraded, the store keeps trying); a node name another
-        live gateway holds is: the program exits with the error.
-        """
-        if self.cluster is None:
-            return
-        from .cluster import NodeNameTaken
-
-        def failed(failure: Failure) -> None:
-            if failure.check(NodeNameTaken):
-                self._cluster_fatal(str(failure.value))
-            else:
-                _log.warn("cluster: {why}", why=failure.getErrorMessage())
-
-        self.cluster.start().addErrback(failed)
 
     def _cluster_fatal(self, problem: str) -> None:
         """
@@ -577,23 +510,6 @@ class WingateMapService(MultiService):
         self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
         self.reactor.stop()
 
-    def _give_audit_log(self, path: str) -> None:
-        """
-        Under twistd's C{--uid}/C{--gid} the audit log, opened as root before the privilege
-        drop, is given to that user, so that a reload after log rotation can open it again.
-        """
-        if self.run_as is None or os.geteuid() != 0:
-            return
-        uid, gid = self.run_as
-        if uid is None and gid is None:
-            return
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-
-    def _open_admin(self, listen: str) -> IListeningPort:
-        from .admin import listen_admin
-
-        return listen_admin(self, listen)
-
     def _admin_reload(self, new: Config) -> str | None:
         """
         What a reload to C{new} does to the admin API: its token (C{token} / C{token_file}) is
@@ -602,11 +518,11 @@ class WingateMapService(MultiService):
         logged.  A reload that would leave the open admin listener without a token on an
         address that is not loopback is refused: the problem, or L{None}.
         """
-        from .admin import _is_loopback
+        from ..admin import _is_loopback
 
         old_listen = self.config.admin.listen if self.config.admin is not None else None
         new_listen = new.admin.listen if new.admin is not None else None
-        port = self._admin_port if self.worker_index == 0 else None
+        port = self._admin.port if self._admin is not None and self.worker_index == 0 else None
         if port is not None and (new.admin is None or new.admin.token is None) and not _is_loopback(port.getHost()):
             return (
                 f"admin.token: the admin API keeps listening on {old_listen} (not loopback) until the next restart, "
@@ -645,8 +561,8 @@ class WingateMapService(MultiService):
         return problems
 
     def _reload(self) -> list[str]:
-        from .config import load_config, with_mappings
-        from .errors import ConfigError
+        from ..config import load_config, with_mappings
+        from ..errors import ConfigError
 
         if self.config_path is None:
             return ["this service was not built from a configuration file: nothing to reload"]
@@ -669,49 +585,27 @@ class WingateMapService(MultiService):
             return [admin_problem]
         if new.cluster != self.config.cluster:
             _log.warn("reload: [cluster] changes take effect at the next restart")
-        audit = self._audit
         try:
-            if new.service.audit_log != self.config.service.audit_log:
-                audit = AuditLogSink(new.service.audit_log) if new.service.audit_log else None
-            elif audit is not None:
-                audit.reopen()  # the same path: open it anew, for logrotate's move-then-reload
-        except OSError as e:
-            message = f"service.audit_log: cannot open {new.service.audit_log}: {e.strerror or e}"
-            _log.error("reload refused, the running configuration stays: {problem}", problem=message)
-            return [message]
+            audit = self._audit.stage(new.service.audit_log)
+        except WingateMapError as e:
+            _log.error("reload refused, the running configuration stays: {problem}", problem=str(e))
+            return [str(e)]
         try:
-            events, factories, targets = self._build(new, audit)
+            events, factories, targets = self._build(new)
         except Exception as e:
+            self._audit.discard(audit)
             message = f"cannot load TLS files: {e}"
             _log.error("reload refused, the running configuration stays: {problem}", problem=message)
             return [message]
         # Open what is new before touching anything, so a failure leaves all as it was.
-        old_switches = dict(self._switches)
-        for key, target in targets.items():
-            if key not in self._switches:
-                self._switches[key] = _Switch(target)
-        opened: dict[Listener, IListeningPort] = {}
         try:
-            for listener in wanted:
-                if listener not in self._ports:
-                    opened[listener] = self._open(listener)
+            opened, closed, kept = self._listeners.reconfigure(wanted, targets)
         except BindError as e:
-            for port in opened.values():
-                port.stopListening()
-            self._switches = old_switches
+            self._audit.discard(audit)
             _log.error("reload refused, the running configuration stays: {problem}", problem=str(e))
             return [str(e)]
         # Commit.
-        for key, target in targets.items():
-            self._switches[key].target = target
-        wanted_set = set(wanted)
-        closed = [listener for listener in self._ports if listener not in wanted_set]
-        for listener in closed:
-            self._ports.pop(listener).stopListening()
-        self._ports.update(opened)
-        if audit is not self._audit and self._audit is not None:
-            self._audit.close()
-        self._audit = audit
+        self._audit.commit(new.service.audit_log, audit)
         self.config = new
         self.events, self.factories = events, factories
         self._check_destinations()
@@ -719,22 +613,16 @@ class WingateMapService(MultiService):
         self.credentials.set_users(new.users)
         for warning in new.warnings:
             _log.warn("configuration: {warning}", warning=str(warning))
-        try:
-            self._apply_interception()
-            if not any(m.intercept_transparent for m in new.enabled_mappings()) and self._ruleset is not None:
-                remove()
-                self._ruleset = None
-        except InterceptionError as e:
-            _log.error("{error}", error=str(e))
+        self._apply_interception()
         if self._pool is not None:
             self._pool.signal("HUP")
         _log.info(
             "configuration reloaded from {path}: {mappings} mapping(s); {opened} listener(s) opened, {closed} closed, {kept} kept",
             path=self.config_path,
             mappings=len(new.enabled_mappings()),
-            opened=len(opened),
-            closed=len(closed),
-            kept=len(self._ports) - len(opened),
+            opened=opened,
+            closed=closed,
+            kept=kept,
         )
         return []
 
@@ -754,28 +642,16 @@ class WingateMapService(MultiService):
         if self._watcher_problem is not None:
             _log.info("adapter watcher recovered: following adapter changes again")
             self._watcher_problem = None
-        current = set(self._ports)
-        wanted_set = set(wanted)
-        for listener in [l for l in self._listener_problems if l not in wanted_set]:
-            del self._listener_problems[listener]
-        for listener in [l for l in self._ports if l not in wanted_set]:
-            port = self._ports.pop(listener)
-            port.stopListening()
-            _log.info("mapping {mapping}: address {address} is gone; stopped listening on {listener}", mapping=listener.mapping, address=listener.address, listener=str(listener))
-        for listener in wanted:
-            if listener in current:
-                continue
-            try:
-                self._ports[listener] = self._open(listener)
-            except BindError as e:
-                if self._listener_problems.get(listener) != str(e):
-                    _log.error("{error} (will retry)", error=str(e))
-                self._listener_problems[listener] = str(e)
-                continue
-            self._listener_problems.pop(listener, None)
-            _log.info("mapping {mapping}: new address {address}; listening on {listener}", mapping=listener.mapping, address=listener.address, listener=str(listener))
+        self._listeners.follow(wanted)
+        self._apply_interception()
+
+    def _apply_interception(self) -> None:
+        """
+        Bring the interception table in line with the listeners; an nft error is logged (the
+        listeners keep serving).
+        """
         try:
-            self._apply_interception()
+            self._table.apply()
         except InterceptionError as e:
             _log.error("{error}", error=str(e))
 
@@ -804,12 +680,12 @@ class WingateMapService(MultiService):
 
         @return: the HTTP status code and the JSON body.
         """
-        counts = {"sessions": len(self.sessions), "listeners": len(self._ports), "workers": self.config.service.workers}
+        counts = {"sessions": len(self.sessions), "listeners": len(self._listeners.ports), "workers": self.config.service.workers}
         if self._draining:
             return 503, {"status": "draining", **counts}
         if not self._started:
             return 503, {"status": "failing", "problems": ["the service is not running"], **counts}
-        problems = [f"listener: {why}" for why in self._listener_problems.values()]
+        problems = [f"listener: {why}" for why in self._listeners.problems.values()]
         problems += [f"worker: {why}" for why in self._worker_problems()]
         if self._watcher_problem is not None:
             problems.append(f"adapter watcher: {self._watcher_problem}")
@@ -830,41 +706,10 @@ class WingateMapService(MultiService):
         """
         The STATUS= line systemd shows.
         """
-        text = f"{len(self.sessions)} live session(s), {len(self._ports)} listener(s)"
+        text = f"{len(self.sessions)} live session(s), {len(self._listeners.ports)} listener(s)"
         if self._pool is not None:
             text += f", {self.config.service.workers - 1} worker process(es)"
         return ("draining: " if self._draining else "") + text
-
-    def _install_signals(self) -> None:
-        """
-        SIGHUP reloads; a worker also takes SIGUSR2 from the primary as "end the drain now".
-        """
-        import signal
-
-        if self._signals is None:
-            self._signals = SignalHandlers(self.reactor)
-            self.reactor.addSystemEventTrigger("before", "shutdown", self._reactor_stopping)
-        self._signals.restore()
-        self._signals.install(signal.SIGHUP, self._sighup)
-        if self.worker_index > 0:
-            self._signals.install(signal.SIGUSR2, self.end_drain)
-
-    def _signals_while_draining(self) -> None:
-        """
-        During the drain a second SIGTERM / SIGINT ends it at once.  A worker ignores them
-        instead: systemd signals every process of the unit and the primary signals its workers
-        too, so a worker sees two at one stop; the primary passes a real second signal on as
-        SIGUSR2.
-        """
-        import signal
-
-        if self._signals is None:
-            return
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._signals.install(signum, self.end_drain if self.worker_index == 0 else None)
-
-    def _reactor_stopping(self) -> None:
-        self._process_ending = True
 
     def _sighup(self) -> None:
         _log.info("SIGHUP: reloading {path}", path=self.config_path)
@@ -888,28 +733,26 @@ class WingateMapService(MultiService):
 
     def privilegedStartService(self) -> None:
         """
-        Bind every listener (before twistd drops privileges).  Run as a program (see
-        C{standalone}), a start failure exits with its one-line error, not a traceback.
+        Open what every child holds: bind every listener (before twistd drops privileges).
+        Run as a program (see C{standalone}), a start failure exits with its one-line error,
+        not a traceback.
         """
         if self.standalone is None:
             self.standalone = True
         if not self._started:
             self._listen_or_exit()
-        super().privilegedStartService()
+        # The children opened in _listen (all or nothing), not again here.
+        Service.privilegedStartService(self)
 
     def startService(self) -> None:
         """
-        Start; binds the listeners if L{privilegedStartService} has not.
+        Start every child; binds the listeners if L{privilegedStartService} has not.
         """
         if self.standalone is None:
             self.standalone = False
         if not self._started:
             self._listen_or_exit()
         super().startService()
-        if self.standalone and self.worker_index == 0:
-            self._notifier = Notifier.from_environment()
-            if self._notifier is not None:
-                self._notifier.ready(self._status_line())
 
     def _listen_or_exit(self) -> None:
         if not self.standalone or os.environ.get("WINGATEMAP_TRACEBACKS") is not None:
@@ -927,34 +770,35 @@ class WingateMapService(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         """
-        Stop accepting at once, drain live sessions for C{drain_timeout}, then end the rest.
+        Stop in order: first stop accepting (the adapter watcher, the health checks, the
+        listeners, the interception table; a primary's workers are told to stop and drain on
+        their own), then drain live sessions for C{drain_timeout} once every listening socket
+        is closed, then end the rest with reason C{shutdown}, then stop every other child (the
+        admin site, which stays up through the drain so that C{/healthz} answers 503 draining,
+        the cluster store, the link to the primary, the audit log, ...).
         """
-        stopped = [d for d in [super().stopService()] if d is not None]
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
-        ports, self._ports = self._ports, {}
+        Service.stopService(self)
         self._started = False
         self._draining = True
-        self._listener_problems = {}
-        self._signals_while_draining()
+        if self._signals is not None:
+            self._signals.draining()
         if self._notifier is not None:
             self._notifier.stopping(self._status_line())
-        # The admin API stays up until the drain is over, so that it can be watched
-        # (/healthz answers 503 draining); it closes in _stopped.
-        closing = [d for d in (port.stopListening() for port in ports.values()) if d is not None]
-        if self._ruleset is not None:
-            try:
-                remove()
-                _log.info("transparent interception: nftables table inet {table} removed", table=TABLE)
-            except InterceptionError as e:
-                _log.error("{error}", error=str(e))
-            self._ruleset = None
+        first = [self._watcher, self.checker, self._listeners, self._table, self.namedServices.get("workers")]
+        stopping = {child: self._stop_child(child) for child in first if child is not None}
         # Drain once every listening socket is really closed (that takes one reactor turn).
-        drained = gatherResults(closing, consumeErrors=True).addBoth(lambda _: self._drain())
-        if self._pool is not None:
-            # The pool stays known until _stopped: a second signal is passed on to the workers.
-            stopped.append(self._pool.stop())
-        return gatherResults(stopped + [drained], consumeErrors=True).addBoth(self._stopped)
+        drained = stopping[self._listeners].addBoth(lambda _: self._drain())
+        others = [d for child, d in stopping.items() if child is not self._listeners]
+        return gatherResults(others + [drained], consumeErrors=True).addBoth(self._stopped)
+
+    @staticmethod
+    def _stop_child(child: Any) -> Deferred[Any]:
+        """
+        Stop C{child} if it runs (or holds something open): a Deferred firing once it has.
+        """
+        if not child.running and not getattr(child, "opened", False):
+            return succeed(None)
+        return maybeDeferred(child.stopService)
 
     def _drain(self) -> Deferred[None]:
         live = len(self.sessions)
@@ -983,32 +827,19 @@ class WingateMapService(MultiService):
 
         return done.addBoth(finished)
 
-    def _stopped(self, result: Any) -> Deferred[Any] | None:
+    def _stopped(self, result: Any) -> Deferred[Any]:
+        """
+        After the drain: stop every child still running, the last started first.
+        """
         self._draining = False
         self._hurry = False
-        self._pool = None
-        if self._signals is not None:
-            import signal
-
-            # While the process ends, later SIGTERMs (systemd and the primary both signal a
-            # worker) stay ignored: twistd's own handler would try to stop a stopped reactor.
-            self._signals.restore(signal.SIGHUP, signal.SIGUSR2)
-            if not self._process_ending:
-                self._signals.restore()
-        admin, self._admin_port = self._admin_port, None
-        closing = [] if admin is None else [admin.stopListening()]
-        if self.cluster is not None:
-            # After the drain: the last sessions' releases and events are written first.
-            closing.append(self.cluster.stop(deregister=True))
-        if self._audit is not None:
-            self._audit.close()
-            self._audit = None
-        if self.worker_index == 0 and self.worker_dir is not None:
-            import shutil
-
-            shutil.rmtree(self.worker_dir, ignore_errors=True)
         if isinstance(result, Failure):
             _log.failure("error while stopping", result)
-        _log.info("stopped")
-        return gatherResults([d for d in closing if d is not None], consumeErrors=True) if closing else None
+        rest = [self._stop_child(child) for child in reversed(list(self))]
 
+        def stopped(result: Any) -> None:
+            if isinstance(result, Failure):
+                _log.failure("error while stopping", result)
+            _log.info("stopped")
+
+        return gatherResults(rest, consumeErrors=True).addBoth(stopped)
