@@ -32,3 +32,20 @@ def test_every_key_documented_and_nothing_else():
     accepted = set(key_paths())
     assert sorted(accepted - set(documented)) == [], "accepted by the parser but not in docs/reference.md"
     assert sorted(set(documented) - accepted) == [], "in docs/reference.md but refused by the parser"
+
+
+def test_every_subpackage_is_installed():
+    """
+    pyproject.toml lists every package under wingate_map/, so an installed wingatemap (the
+    README's command, a venv, pipx) has all of it, not only the checkout.
+    """
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {
+        os.path.relpath(folder, ROOT).replace(os.sep, ".")
+        for folder, _, files in os.walk(os.path.join(ROOT, "wingate_map"))
+        if "__init__.py" in files
+    }
+    assert sorted(found - listed) == []
