@@ -291,6 +291,8 @@ class SocketPump:
     @ivar session: the L{wingate_map.sessions.Session} whose byte counts it keeps.
     """
 
+    __slots__ = ("reactor", "clock", "session", "owner", "track_idle", "last_activity", "ended", "_reset_by", "client", "destination")
+
     def __init__(
         self,
         reactor: Any,

@@ -231,16 +231,22 @@ class RelayProtocol(Protocol):
     @ivar phase: where the connection is in its life (L{Phase}).
     """
 
-    peer: DestinationProtocol | None = None
-    session: Session | None = None
-    _header_reader: ProxyHeaderReader | None = None
-    _header_timer: Any = None
+    # Slots, not an instance dict, for the session's state: a live session costs less memory
+    # (an instance dict with more than 30 keys no longer shares its key table with the others).
+    # An attribute not listed here still works (the base class has a __dict__).
+    __slots__ = (
+        "runtime", "factory", "connected", "transport", "session", "peer", "_header_reader",
+        "_header_timer", "phase", "_pending", "_decision", "_refusal", "_connecting", "_client_eof",
+        "_dest_eof", "_client_lost", "_dest_lost", "_reason", "_first_close", "_idle_call", "_pump",
+        "_release_limits", "_track_idle", "_early", "_dest_index", "_dest_timer",
+        "_dest_handshake_failure", "_limited", "_original", "_connect_started", "_info", "_peek",
+        "_peek_timer", "_list", "_order", "_try", "_attempt",
+    )
 
     noisy = False
 
     def __init__(self, runtime: MappingRuntime) -> None:
-        # Every attribute is set here, always in this order, so that CPython shares one key
-        # table among all relays' instance dicts (attributes added later would unshare it).
+        # Every attribute is set here, always in this order.
         self.runtime = runtime
         self.factory: Any = None
         self.connected = 0
