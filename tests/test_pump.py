@@ -18,8 +18,9 @@ import struct
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 
 from wingate_map.pump import CLIENT, DESTINATION, READ_SIZE, SocketPump
@@ -418,6 +419,37 @@ def test_plain_sessions_are_relayed_by_the_pump_with_a_proxy_header_first():
         server.transport.loseConnection()
         [event] = yield sink.disconnects(1)
         assert event["bytes_from_client"] == 15 and event["bytes_to_client"] == 15
+    finally:
+        yield service.stopService()
+        yield server_port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_timeout_counts_the_pumps_traffic():
+    """
+    A session relayed by the pump stays up while bytes move (here for longer than its idle
+    timeout) and is closed, with resets, once nothing has moved for idle_timeout seconds.
+    """
+    servers = PeerFactory(half_close=False, close_on_eof=False)
+    server_port = yield TCP4ServerEndpoint(reactor(), 0, interface="127.0.0.1").listen(servers)
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)], "idle_timeout = 1.5"))
+    try:
+        client = Peer(half_close=False, close_on_eof=False)
+        yield connectProtocol(TCP4ClientEndpoint(reactor(), "127.0.0.1", port), client)
+        server = yield servers.next_peer(0)
+        [live] = service.sessions.live()
+        yield wait_for(lambda: relay_of(live)._pump is not None)
+        assert type(relay_of(live)._pump) is SocketPump
+        for tick in range(40):  # 2 s of traffic, a byte every 50 ms
+            client.transport.write(b"t")
+            yield server.when_received(tick + 1).addTimeout(10, reactor())
+            assert service.sessions.live() == [live], "closed as idle while bytes were moving"
+            yield task.deferLater(reactor(), 0.05, lambda: None)
+        [event] = yield sink.disconnects(1)
+        assert event["reason"] == "idle-timeout" and event["bytes_from_client"] == 40
+        reason = yield client.lost
+        assert isinstance(reason, ConnectionLost)
     finally:
         yield service.stopService()
         yield server_port.stopListening()
