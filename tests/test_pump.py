@@ -23,9 +23,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 
-from wingate_map.pump import CLIENT, DESTINATION, READ_SIZE, SocketPump
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from zope.interface.verify import verifyObject
+
+from wingate_map.pump import CLIENT, DESTINATION, READ_SIZE, IPump, SocketPump, TransportPump
 from wingate_map.ratelimit import Limiter, TokenBucket
 from wingate_map.sessions import Session
+from wingate_map.testing import FakeTransport
 
 from .helpers import Peer, PeerFactory, free_port, mapping_config, relay_of, start_service, wait_for
 
@@ -142,6 +146,20 @@ def run(reactor, limit: int = 10_000) -> None:
             leg.doRead()
         if (set(reactor.readers), set(reactor.writers)) == before and not reactor.writers:
             return
+
+
+def test_the_pumps_provide_their_interfaces():
+    """
+    Both data planes provide IPump; a socket pump's legs are the reactor's read and write
+    descriptors.
+    """
+    pump, reactor, owner, client, destination = make_pump()
+    verifyObject(IPump, pump)
+    for leg in (pump.client, pump.destination):
+        verifyObject(IReadDescriptor, leg)
+        verifyObject(IWriteDescriptor, leg)
+    pump.abort()
+    verifyObject(IPump, TransportPump(reactor, FakeTransport(), FakeTransport(), session()))
 
 
 def test_bytes_flow_both_ways_and_are_counted():

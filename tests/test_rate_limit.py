@@ -19,9 +19,11 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from wingate_map.config import RateLimit, parse_config
 from wingate_map.errors import ConfigError
 from wingate_map.pump import READ_SIZE, SocketPump, TransportPump
-from wingate_map.ratelimit import default_burst
+from wingate_map.ratelimit import RateLimits, default_burst
+from wingate_map.testing import RelayHarness, simple_mapping
 
 from .helpers import Peer, PeerFactory, buffered, free_port, mapping_config, relay_of, start_service, wait_for
+from .test_relay_unit import DEST, connected
 
 RATE = 8_000_000  # bit/s: 1 MB/s
 SIZE = 2_000_000  # bytes: two seconds' worth
@@ -201,3 +203,39 @@ def test_a_limited_session_holds_at_most_one_read(socket_pump):
     finally:
         yield service.stopService()
         yield server_port.stopListening()
+
+
+def test_an_end_of_stream_waits_for_the_bytes_the_limit_holds():
+    """
+    On Twisted's transports (TLS legs), a destination's last bytes and its end of stream can
+    arrive together: the client gets every byte before the FIN, however long the rate limit
+    holds them.
+    """
+    harness = RelayHarness(simple_mapping(DEST, rate_limit=RateLimit(per_session=800_000)))  # 100 kB/s
+    harness.factory.runtime.rate_limits = RateLimits(harness.clock)
+    harness, client, client_t, attempt = connected(harness)
+    answer = b"a" * 100_000
+    attempt.protocol.dataReceived(answer)
+    attempt.protocol.readConnectionLost()
+    assert len(client_t.value()) < len(answer) and not client_t.write_closed
+    for _ in range(30):
+        harness.clock.advance(0.1)
+    assert client_t.value() == answer and client_t.write_closed
+
+
+def test_a_client_end_of_stream_waits_for_the_bytes_the_limit_holds():
+    """
+    The same upstream: a client's last bytes and FIN reach the destination in that order; when
+    the destination had already finished, both legs are closed only after those bytes.
+    """
+    harness = RelayHarness(simple_mapping(DEST, rate_limit=RateLimit(per_session=800_000)))
+    harness.factory.runtime.rate_limits = RateLimits(harness.clock)
+    harness, client, client_t, attempt = connected(harness)
+    attempt.protocol.readConnectionLost()  # the destination finished first
+    request = b"q" * 100_000
+    client.dataReceived(request)
+    client.readConnectionLost()
+    assert len(attempt.transport.value()) < len(request) and not attempt.transport.disconnecting
+    for _ in range(30):
+        harness.clock.advance(0.1)
+    assert attempt.transport.value() == request and attempt.transport.disconnecting

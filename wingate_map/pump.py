@@ -578,20 +578,31 @@ class TransportPump:
         up, down = limits
         self._client_producer: Any = client
         self._destination_producer: Any = destination
-        self._throttles: list[Throttle] = []
+        self._throttles: dict[str, Throttle] = {}
         self._up: Any = destination.write
         self._down: Any = client.write
         if up is not None:
             gate = self._client_producer = _Gate(client)
-            self._up = self._throttle(up, destination.write, gate)
+            self._up = self._throttle(CLIENT, up, destination.write, gate)
         if down is not None:
             gate = self._destination_producer = _Gate(destination)
-            self._down = self._throttle(down, client.write, gate)
+            self._down = self._throttle(DESTINATION, down, client.write, gate)
 
-    def _throttle(self, limiter: Limiter, write: Any, gate: _Gate) -> Any:
-        throttle = Throttle(limiter, self.clock, write, lambda: gate.limit(True), lambda: gate.limit(False))
-        self._throttles.append(throttle)
+    def _throttle(self, side: str, limiter: Limiter, write: Any, gate: _Gate) -> Any:
+        throttle = self._throttles[side] = Throttle(limiter, self.clock, write, lambda: gate.limit(True), lambda: gate.limit(False))
         return throttle.write
+
+    def after_sent(self, side: str, action: Any) -> None:
+        """
+        Call C{action} once everything C{side} sent has been passed on (at once, unless the
+        rate limit still holds some): an end of stream must follow the bytes before it, and a
+        TLS leg can deliver both in one go.
+        """
+        throttle = self._throttles.get(side)
+        if throttle is None:
+            action()
+        else:
+            throttle.when_empty(action)
 
     def start(self, early: bytes = b"", client_eof: bool = False) -> None:
         """
@@ -630,13 +641,13 @@ class TransportPump:
         """
         Bytes held by the rate limit (the transports' own buffers are bounded by flow control).
         """
-        return sum(t.held for t in self._throttles)
+        return sum(t.held for t in self._throttles.values())
 
     def stop(self) -> None:
         """
         The session is ending: drop what the rate limit holds and cancel its wake-ups.
         """
-        for throttle in self._throttles:
+        for throttle in self._throttles.values():
             throttle.stop()
 
     def abort(self) -> None:

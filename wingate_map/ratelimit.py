@@ -3,7 +3,9 @@ Bandwidth limits (C{rate_limit}): rates in bits per second, token buckets counti
 L{Limiter} that lets a read through only as far as every bucket it is subject to allows (session,
 client address, mapping), and a L{Throttle} that enforces it with flow control: it pauses the
 reading side until the bytes it may not pass yet are allowed, so that a limited session holds at
-most one read's worth of data, never a growing buffer.
+most one read's worth of data, never a growing buffer.  (The socket pump does better: it asks the
+L{Limiter} how much is available and reads no more, so nothing is held at all.)  L{RateLimits}
+keeps a process's shared buckets: one per client address and one per mapping, per direction.
 
 Rates: C{rate_limit} values are strings of a decimal number, an optional decimal prefix C{k}
 (1000), C{M} (1000000) or C{G} (10**9) and the unit C{bit}, optionally C{bit/s}: C{"512kbit"},
@@ -198,6 +200,17 @@ class Throttle:
         self._resume = resume
         self._held = bytearray()
         self._wake: IDelayedCall | None = None
+        self._when_empty: list[Callable[[], object]] = []
+
+    def when_empty(self, action: Callable[[], object]) -> None:
+        """
+        Call C{action} once nothing is held (now, if nothing is): what must follow the bytes
+        held, such as passing on an end of stream that arrived with them.
+        """
+        if self._held:
+            self._when_empty.append(action)
+        else:
+            action()
 
     @property
     def held(self) -> int:
@@ -236,6 +249,7 @@ class Throttle:
             self._wake.cancel()
         self._wake = None
         self._held = bytearray()
+        self._when_empty = []
 
     def _schedule(self) -> None:
         delay = self._limiter.delay_for(len(self._held))
@@ -252,6 +266,9 @@ class Throttle:
             return
         self._wake = None
         self._resume()
+        actions, self._when_empty = self._when_empty, []
+        for action in actions:
+            action()
 
 
 class RateLimits:

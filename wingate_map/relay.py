@@ -39,7 +39,7 @@ from .interfaces import IDestinationEndpointFactory, IRuleService
 from .config import format_host_port
 from .interception import original_destination
 from .locations import LocationSet, client_address
-from .pump import CLIENT, IPumpOwner, SocketPump, TransportPump, take_over
+from .pump import CLIENT, DESTINATION, IPumpOwner, SocketPump, TransportPump, take_over
 from .proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
 from .tls import describe_tls_failure, subject_common_name
 from .rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
@@ -801,8 +801,7 @@ class RelayProtocol(Protocol):
             # Both directions are done: closing (after the buffered bytes) sends the FIN too.
             self._close_both()
             return
-        peer.transport.unregisterProducer()
-        peer.transport.loseWriteConnection()
+        self._after_sent(CLIENT, self._end_to_destination)
 
     def writeConnectionLost(self) -> None:
         pass
@@ -820,10 +819,39 @@ class RelayProtocol(Protocol):
         if self._client_eof:
             self._close_both()
             return
+        self._after_sent(DESTINATION, self._end_to_client)
+
+    def _after_sent(self, side: str, action: Any) -> None:
+        """
+        C{action} once what C{side} sent has been passed on: a rate limit may still hold some
+        (on Twisted's transports: see L{TransportPump.after_sent}).
+        """
+        if isinstance(self._pump, TransportPump):
+            self._pump.after_sent(side, action)
+        else:
+            action()
+
+    def _end_to_destination(self) -> None:
+        """
+        Pass the client's FIN on to the destination.
+        """
+        self.peer.transport.unregisterProducer()
+        self.peer.transport.loseWriteConnection()
+
+    def _end_to_client(self) -> None:
+        """
+        Pass the destination's FIN on to the client.
+        """
         self.transport.unregisterProducer()
         self.transport.loseWriteConnection()
 
     def _close_both(self) -> None:
+        """
+        Both directions are done: close both legs (after what a rate limit still holds).
+        """
+        self._after_sent(CLIENT, lambda: self._after_sent(DESTINATION, self._close_legs))
+
+    def _close_legs(self) -> None:
         client, peer = self.transport, self.peer
         if peer is not None and not self._dest_lost:
             peer.transport.unregisterProducer()

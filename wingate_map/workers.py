@@ -24,7 +24,9 @@ What ties a worker to the primary (L{WorkerLink} in the worker, L{WorkerPool} in
   - Resets, not FINs: in a worker, every accepted and outgoing TCP socket has C{SO_LINGER}
     C{{1, 0}} while it is open, so a worker's death makes the kernel reset its connections
     (a truncated stream looks truncated); an orderly close clears it first (with it set, Linux
-    would reset even after C{shutdown(2)} and discard unsent data).
+    would reset even after C{shutdown(2)} and discard unsent data).  The relay's socket pump,
+    which takes a session's sockets over from these wrappers, keeps the setting while it
+    relays and clears it the same way before an orderly close (wingate_map/pump.py).
 """
 
 from __future__ import annotations
