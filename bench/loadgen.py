@@ -15,6 +15,10 @@ on stdout.  Every loop is bounded both in count and in time.
       echo, then the end of stream (the backend closes first), close.  Closing after the
       server keeps TIME_WAIT off the client's ephemeral ports: tens of thousands of them
       would make the kernel's port search, not the proxy, the bottleneck.
+  loadgen.py slowread PORT N HOLD
+      open N connections that each ask the backend's source mode for more than they will
+      ever read, and read nothing: slow readers, each with a fast sender behind the proxy.
+      Print a "READY" JSON line, wait for a line on stdin (at most HOLD seconds), close them.
   loadgen.py idle PORT N BATCH HOLD
       open N connections (BATCH at a time, each checked with a one-byte echo so both legs
       of the proxy are established), print a "READY" JSON line, wait for a line on stdin
@@ -113,6 +117,7 @@ def pingpong(port: int, nconns: int, size: int, warmup: float, duration: float, 
     measuring = False
     lat: list[int] = []
     count = 0
+    total = 0  # also during the warm-up: what the proxy's CPU time over the whole run served
     errors = 0
     m_start = 0.0
     while count < maxreq:
@@ -141,6 +146,7 @@ def pingpong(port: int, nconns: int, size: int, warmup: float, duration: float, 
                 t_ns = now()
                 lat.append(t_ns - sent_at[fd])
                 count += 1
+                total += 1
                 got[fd] = g - size
                 sent_at[fd] = t_ns
                 s.send(msg)
@@ -157,6 +163,7 @@ def pingpong(port: int, nconns: int, size: int, warmup: float, duration: float, 
     lat.sort()
     return {
         "requests": count,
+        "requests_total": total,
         "seconds": seconds,
         "rps": count / seconds if seconds > 0 else 0.0,
         "p50_us": _percentile(lat, 0.50) / 1000.0,
@@ -259,6 +266,19 @@ def connrate(port: int, concurrency: int, duration: float, maxconn: int) -> dict
     }
 
 
+def slowread(port: int, n: int, hold: float) -> None:
+    socks = []
+    for _ in range(n):
+        s = _connect(port)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(HEADER.pack(ord("S"), 1 << 40))
+        socks.append(s)
+    print(json.dumps({"ready": len(socks)}), flush=True)
+    select.select([sys.stdin], [], [], hold)
+    for s in socks:
+        s.close()
+
+
 def idle(port: int, n: int, batch: int, hold: float) -> None:
     socks: list[socket.socket] = []
     deadline = time.monotonic() + 120.0
@@ -285,6 +305,9 @@ def main(argv: list[str]) -> int:
         result = pingpong(int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4]), float(argv[5]), int(argv[6]))
     elif kind == "connrate":
         result = connrate(int(argv[1]), int(argv[2]), float(argv[3]), int(argv[4]))
+    elif kind == "slowread":
+        slowread(int(argv[1]), int(argv[2]), float(argv[3]))
+        return 0
     elif kind == "idle":
         idle(int(argv[1]), int(argv[2]), int(argv[3]), float(argv[4]))
         return 0

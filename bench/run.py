@@ -58,6 +58,8 @@ FULL = {
     "cr_maxconn": 25_000,
     "idle_conns": 1000,
     "idle_batch": 4,
+    "slow_conns": 20,
+    "slow_settle": 2.0,
 }
 QUICK = dict(
     FULL,
@@ -189,19 +191,27 @@ def echo_probe(port: int, timeout: float = 2.0) -> bool:
 # -- memory ---------------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """
+    The fields of C{/proc/PID/stat} after the command name (state first), or None if it is gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: split after the last ")".
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
 def _children_map() -> dict[int, list[int]]:
     kids: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses: split after the last ")".
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        kids.setdefault(int(fields[1]), []).append(int(entry))
+        fields = _stat_fields(entry)
+        if fields is not None:
+            kids.setdefault(int(fields[1]), []).append(int(entry))
     return kids
 
 
@@ -238,6 +248,22 @@ def tree_memory(root: int) -> dict:
         "rss_kb": sum(_status_kb(p, "status", "VmRSS:") for p in pids),
         "uss_kb": sum(_status_kb(p, "smaps_rollup", "Private_Clean:") + _status_kb(p, "smaps_rollup", "Private_Dirty:") for p in pids),
     }
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """
+    CPU seconds (user + system, with reaped children's) used so far by the process tree rooted
+    at C{root}.
+    """
+    total = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return total / _TICK
 
 
 # -- proxies --------------------------------------------------------------------------------
@@ -357,26 +383,20 @@ def start_proxy(spec: dict, cpu: int | None, port: int, dest: int, tmp: Path) ->
 # -- measurements ---------------------------------------------------------------------------
 
 
-def measure_idle_memory(proxy: subprocess.Popen, cpu: int | None, port: int, cfg: dict) -> dict:
-    # Warm up (imports, allocator pools), then take the baseline.
-    for _ in range(50):
-        echo_probe(port)
-    time.sleep(1.0)
-    before = tree_memory(proxy.pid)
-    n = cfg["idle_conns"]
-    p = spawn(
-        _pin(cpu) + [sys.executable, str(LOADGEN), "idle", str(port), str(n), str(cfg["idle_batch"]), "180"],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def _memory_while_held(proxy: subprocess.Popen, cpu: int | None, load: list[str], settle: float, wait: float) -> tuple[dict, dict]:
+    """
+    Start C{loadgen.py LOAD...}, which opens its connections, prints a JSON line and holds
+    them until told on stdin; read the proxy's memory C{settle} seconds after that line, then
+    let the connections close.  Returns (the loadgen's line, the memory).
+    """
+    p = spawn(_pin(cpu) + [sys.executable, str(LOADGEN)] + load, stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        ready, _, _ = select.select([p.stdout], [], [], 150.0)
+        ready, _, _ = select.select([p.stdout], [], [], wait)
         line = p.stdout.readline() if ready else b""
         if not line:
-            raise RuntimeError(f"idle connections not established: {p.stderr.read().decode(errors='replace')[-2000:] if p.poll() is not None else 'timeout'}")
+            raise RuntimeError(f"{load[0]} connections not established: {p.stderr.read().decode(errors='replace')[-2000:] if p.poll() is not None else 'timeout'}")
         info = json.loads(line)
-        time.sleep(1.0)
+        time.sleep(settle)
         after = tree_memory(proxy.pid)
         p.stdin.write(b"done\n")
         p.stdin.flush()
@@ -384,6 +404,16 @@ def measure_idle_memory(proxy: subprocess.Popen, cpu: int | None, port: int, cfg
     finally:
         stop(p)
     time.sleep(1.0)  # let the proxy close its side of every session
+    return info, after
+
+
+def measure_idle_memory(proxy: subprocess.Popen, cpu: int | None, port: int, cfg: dict) -> dict:
+    # Warm up (imports, allocator pools), then take the baseline.
+    for _ in range(50):
+        echo_probe(port)
+    time.sleep(1.0)
+    before = tree_memory(proxy.pid)
+    info, after = _memory_while_held(proxy, cpu, ["idle", str(port), str(cfg["idle_conns"]), str(cfg["idle_batch"]), "180"], 1.0, 150.0)
     conns = info["ready"]
     return {
         "connections": conns,
@@ -395,25 +425,61 @@ def measure_idle_memory(proxy: subprocess.Popen, cpu: int | None, port: int, cfg
     }
 
 
+def measure_slow_readers(proxy: subprocess.Popen, cpu: int | None, port: int, cfg: dict) -> dict:
+    """
+    The proxy's memory growth per session while C{slow_conns} clients read nothing and the
+    backend sends to each as fast as it can: what a proxy without flow control would buffer.
+    """
+    before = tree_memory(proxy.pid)
+    n = cfg["slow_conns"]
+    # After slow_settle seconds every sender has filled what the proxy lets it fill.
+    _, after = _memory_while_held(proxy, cpu, ["slowread", str(port), str(n), "120"], cfg["slow_settle"], 60.0)
+    return {"sessions": n, "before": before, "after": after, "mb_per_session": (after["rss_kb"] - before["rss_kb"]) / 1024 / n}
+
+
+def _with_cpu(proxy: subprocess.Popen | None, load: Any) -> tuple[dict, float | None]:
+    """
+    Run C{load()} and return its result with the proxy's CPU seconds during it.
+    """
+    start = tree_cpu(proxy.pid) if proxy is not None else 0.0
+    result = load()
+    return result, (tree_cpu(proxy.pid) - start if proxy is not None else None)
+
+
 def measure(spec: dict, proxy: subprocess.Popen | None, port: int, cpu: int | None, cfg: dict) -> dict:
     r: dict[str, Any] = {"name": spec["name"]}
     if proxy is not None:
         r["memory"] = measure_idle_memory(proxy, cpu, port, cfg)
         print(f"  memory: {r['memory']['kb_per_conn_rss']:.1f} KB/conn RSS, {r['memory']['kb_per_conn_uss']:.1f} KB/conn USS", flush=True)
+        r["slowread"] = measure_slow_readers(proxy, cpu, port, cfg)
+        print(f"  slow readers: {r['slowread']['mb_per_session']:.2f} MB RSS per session", flush=True)
     nbytes = cfg["bulk_bytes"]
+    cpu_total = 0.0
     for direction in ("up", "down"):
-        runs = [run_load(cpu, ["bulk", direction, port, nbytes], 180) for _ in range(cfg["bulk_reps"])]
+        runs = []
+        for _ in range(cfg["bulk_reps"]):
+            run, used = _with_cpu(proxy, lambda: run_load(cpu, ["bulk", direction, port, nbytes], 180))
+            run["cpu_s"] = used
+            runs.append(run)
+            cpu_total += used or 0.0
         r[f"bulk_{direction}"] = {"runs": runs, "mb_per_s": statistics.median(x["mb_per_s"] for x in runs)}
         print(f"  bulk {direction}: {r[f'bulk_{direction}']['mb_per_s']:.0f} MB/s (median of {len(runs)})", flush=True)
-    pp = run_load(cpu, ["pingpong", port, cfg["pp_conns"], cfg["pp_size"], cfg["pp_warmup"], cfg["pp_duration"], cfg["pp_maxreq"]], cfg["pp_warmup"] + cfg["pp_duration"] + 120)
+    if proxy is not None:
+        r["bulk_cpu_s_per_gb"] = cpu_total / (2 * cfg["bulk_reps"] * nbytes / 1e9)
+        print(f"  bulk CPU: {r['bulk_cpu_s_per_gb']:.2f} s/GB", flush=True)
+    pp, used = _with_cpu(proxy, lambda: run_load(cpu, ["pingpong", port, cfg["pp_conns"], cfg["pp_size"], cfg["pp_warmup"], cfg["pp_duration"], cfg["pp_maxreq"]], cfg["pp_warmup"] + cfg["pp_duration"] + 120))
+    if used is not None:
+        pp["cpu_us_per_req"] = used / max(1, pp.get("requests_total", pp["requests"])) * 1e6
     r["pingpong"] = pp
-    print(f"  ping-pong x{cfg['pp_conns']}: {pp['rps']:.0f} req/s, p50 {pp['p50_us']:.0f} us, p99 {pp['p99_us']:.0f} us", flush=True)
+    print(f"  ping-pong x{cfg['pp_conns']}: {pp['rps']:.0f} req/s, p50 {pp['p50_us']:.0f} us, p99 {pp['p99_us']:.0f} us" + (f", CPU {pp['cpu_us_per_req']:.1f} us/req" if used is not None else ""), flush=True)
     rtt = run_load(cpu, ["pingpong", port, 1, cfg["pp_size"], cfg["rtt_warmup"], cfg["rtt_duration"], cfg["pp_maxreq"]], cfg["rtt_warmup"] + cfg["rtt_duration"] + 60)
     r["rtt1"] = rtt
     print(f"  ping-pong x1: p50 {rtt['p50_us']:.1f} us, p99 {rtt['p99_us']:.1f} us", flush=True)
-    cr = run_load(cpu, ["connrate", port, cfg["cr_concurrency"], cfg["cr_duration"], cfg["cr_maxconn"]], cfg["cr_duration"] + 60)
+    cr, used = _with_cpu(proxy, lambda: run_load(cpu, ["connrate", port, cfg["cr_concurrency"], cfg["cr_duration"], cfg["cr_maxconn"]], cfg["cr_duration"] + 60))
+    if used is not None:
+        cr["cpu_us_per_conn"] = used / max(1, cr["connections"]) * 1e6
     r["connrate"] = cr
-    print(f"  new connections: {cr['rate']:.0f} conn/s ({cr['connections']} done, {cr['errors']} errors)", flush=True)
+    print(f"  new connections: {cr['rate']:.0f} conn/s ({cr['connections']} done, {cr['errors']} errors)" + (f", CPU {cr['cpu_us_per_conn']:.0f} us/conn" if used is not None else ""), flush=True)
     return r
 
 
@@ -430,6 +496,10 @@ METRICS = [
     ("cps", "conn/s", True),
     ("kb", "KB/conn RSS", False),
     ("kbuss", "KB/conn USS", False),
+    ("cpu_gb", "CPU s/GB", False),
+    ("cpu_req", "CPU µs/req", False),
+    ("cpu_conn", "CPU µs/conn", False),
+    ("slow", "slow reader MB/session", False),
 ]
 
 
@@ -448,6 +518,10 @@ def round_figures(r: dict) -> dict:
         "cps": r["connrate"]["rate"],
         "kb": mem["kb_per_conn_rss"] if mem else None,
         "kbuss": mem["kb_per_conn_uss"] if mem else None,
+        "cpu_gb": r.get("bulk_cpu_s_per_gb"),
+        "cpu_req": r["pingpong"].get("cpu_us_per_req"),
+        "cpu_conn": r["connrate"].get("cpu_us_per_conn"),
+        "slow": r["slowread"]["mb_per_session"] if "slowread" in r else None,
     }
 
 
@@ -479,8 +553,10 @@ def spread(c: dict, key: str) -> str:
 def _fmt(key: str, v: float | None) -> str:
     if v is None:
         return "-"
-    if key in ("rtt", "kb", "kbuss"):
+    if key in ("rtt", "kb", "kbuss", "cpu_req"):
         return f"{v:.1f}"
+    if key in ("cpu_gb", "slow", "gbps"):
+        return f"{v:.2f}"
     return f"{v:.0f}"
 
 
@@ -614,6 +690,124 @@ def versions() -> dict:
     }
 
 
+# The figures issue 11 compares with haproxy (single thread, same run): key, heading, higher is
+# better, and the target for wingatemap / haproxy ("≥ x" or "≤ x"; None: reported only).
+HAPROXY_FIGURES = [
+    ("gbps", "bulk Gbit/s", True, (">=", 1.2)),
+    ("cpu_gb", "CPU s/GB", False, ("<=", 0.6)),
+    ("rps", "rr req/s (x50)", True, (">=", 0.95)),
+    ("cpu_req", "CPU µs/req", False, ("<=", 1.2)),
+    ("cps", "conn/s", True, None),
+    ("cpu_conn", "CPU µs/conn", False, ("<=", 1.6)),
+    ("kb", "KB/idle conn", False, None),
+    ("slow", "slow reader MB/session", False, None),
+]
+# Absolute targets (not ratios): KB per idle session, MB of RSS per slow-reader session.
+ABSOLUTE_TARGETS = {"kb": 2.0, "slow": 1.0}
+BASELINE = BENCH / "baseline.json"
+# --check fails when a ratio to haproxy is this much worse than the committed baseline's.
+CHECK_TOLERANCE = 0.15
+
+
+def haproxy_figures(c: dict) -> dict:
+    """
+    A proxy's figures for the haproxy comparison: L{figures}, plus bulk Gbit/s (up and down
+    averaged).
+    """
+    f = dict(figures(c))
+    f["gbps"] = (f["up"] + f["down"]) / 2 * 8 / 1000
+    return f
+
+
+def haproxy_ratios(results: list[dict], name: str = "wingatemap") -> dict[str, float]:
+    """
+    C{name}'s figures divided by haproxy's in the same run (only figures both have).
+    """
+    by = {r["name"]: haproxy_figures(r) for r in results}
+    if name not in by or "haproxy" not in by:
+        return {}
+    out = {}
+    for key, _, _, _ in HAPROXY_FIGURES:
+        a, b = by[name].get(key), by["haproxy"].get(key)
+        if a is not None and b:
+            out[key] = a / b
+    return out
+
+
+def haproxy_table(results: list[dict]) -> list[str]:
+    """
+    Every relay's figures with their ratio to haproxy's, one row per relay.
+    """
+    by = {r["name"]: haproxy_figures(r) for r in results if r["name"] != "direct"}
+    if "haproxy" not in by:
+        return ["(haproxy was not measured in this run)"]
+    head = ["proxy"] + [h for _, h, _, _ in HAPROXY_FIGURES]
+    rows = [head, ["---"] + ["---:"] * len(HAPROXY_FIGURES)]
+    h = by["haproxy"]
+    for name, f in by.items():
+        cells = [name]
+        for key, _, _, _ in HAPROXY_FIGURES:
+            v = f.get(key)
+            if v is None:
+                cells.append("-")
+            elif name == "haproxy" or not h.get(key):
+                cells.append(_fmt(key, v))
+            else:
+                cells.append(f"{_fmt(key, v)} ({v / h[key]:.2f}×)")
+        rows.append(cells)
+    return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def targets_table(results: list[dict]) -> list[str]:
+    """
+    wingatemap against issue 11's targets: each ratio to haproxy (or absolute figure), the
+    target, and whether it is met.
+    """
+    ratios = haproxy_ratios(results)
+    by = {r["name"]: haproxy_figures(r) for r in results}
+    if not ratios:
+        return ["(wingatemap and haproxy were not both measured in this run)"]
+    rows = ["| figure | wingatemap / haproxy | target | met |", "| --- | ---: | --- | --- |"]
+    for key, heading, _, target in HAPROXY_FIGURES:
+        if key in ABSOLUTE_TARGETS:
+            v = by["wingatemap"].get(key)
+            limit = ABSOLUTE_TARGETS[key]
+            unit = "KB" if key == "kb" else "MB"
+            if v is not None:
+                rows.append(f"| {heading} | {_fmt(key, v)} {unit} (absolute) | ≤ {limit:g} {unit} | {'yes' if v <= limit else f'no ({v / limit:.1f}× the target)'} |")
+            continue
+        if key not in ratios or target is None:
+            continue
+        op, bound = target
+        r = ratios[key]
+        ok = r >= bound if op == ">=" else r <= bound
+        miss = "" if ok else f" (by {abs(r / bound - 1):.0%})"
+        rows.append(f"| {heading} | {r:.2f} | {'≥' if op == '>=' else '≤'} {bound:g}× | {'yes' if ok else 'no' + miss} |")
+    return rows
+
+
+def check_against_baseline(results: list[dict], baseline: dict) -> list[str]:
+    """
+    The figures whose ratio to haproxy is more than L{CHECK_TOLERANCE} worse than the
+    baseline's (empty: no regression).
+    """
+    ratios = haproxy_ratios(results)
+    problems = []
+    for key, heading, higher, _ in HAPROXY_FIGURES:
+        base = baseline.get("ratios", {}).get(key)
+        now = ratios.get(key)
+        if base is None:
+            continue
+        if now is None:
+            problems.append(f"{heading}: not measured (baseline ratio {base:.2f})")
+            continue
+        worse = now < base * (1 - CHECK_TOLERANCE) if higher else now > base / (1 - CHECK_TOLERANCE)
+        print(f"  {heading:24s} ratio to haproxy {now:6.2f}  baseline {base:6.2f}  {'REGRESSION' if worse else 'ok'}", flush=True)
+        if worse:
+            problems.append(f"{heading}: {now:.2f}× haproxy, baseline {base:.2f}× ({'more than' if higher else 'over'} {CHECK_TOLERANCE:.0%} worse)")
+    return problems
+
+
 def markdown(results: list[dict], info: dict, cfg: dict, quick: bool, elapsed: float, skipped: list[str], pinned: bool, failed: list[str]) -> str:
     v = info
     mb = cfg["bulk_bytes"] // 10**6
@@ -648,6 +842,20 @@ def markdown(results: list[dict], info: dict, cfg: dict, quick: bool, elapsed: f
         "",
     ]
     lines += ratio_table(results)
+    lines += [
+        "",
+        "## Against haproxy (the targets of issue 11)",
+        "",
+        "Every figure of each relay with its ratio to haproxy's (single thread) in the same run. CPU figures are the proxy process tree's user + system CPU time during the measurement divided by the work done (bytes of both bulk directions, requests including the warm-up, connections). Lower is better for CPU and memory.",
+        "",
+    ]
+    lines += haproxy_table(results)
+    lines += ["", "wingatemap against the targets:", ""]
+    lines += targets_table(results)
+    lines += [
+        "",
+        f"Regression guard: `python3 bench/run.py --check` measures wingatemap and haproxy (quick settings) and fails when a ratio to haproxy is more than {CHECK_TOLERANCE:.0%} worse than in `bench/baseline.json` (written by `--write-baseline` from a full run).",
+    ]
     vs = verdicts(results)
     if vs:
         lines += [
@@ -691,6 +899,8 @@ def markdown(results: list[dict], info: dict, cfg: dict, quick: bool, elapsed: f
         f"- **req/s, p50, p99 (x{cfg['pp_conns']})**: {cfg['pp_conns']} connections, each with one {cfg['pp_size']}-byte message in flight to the echo backend (send, wait for the {cfg['pp_size']} bytes to come back, send again), measured for {cfg['pp_duration']:g} s after {cfg['pp_warmup']:g} s of warm-up. Latency is from send to the last byte back, over every request. At this concurrency latency is mostly queueing (p50 ≈ {cfg['pp_conns']} / req/s), so its ratio mirrors the req/s ratio.",
         f"- **RTT p50 (x1)**: the same with a single connection, for {cfg['rtt_duration']:g} s: the round trip the proxy adds when it is not loaded.",
         f"- **conn/s**: {cfg['cr_concurrency']} concurrent loops of: connect, send 1 byte, read the echoed byte, read the end of stream, close; for {cfg['cr_duration']:g} s (at most {cfg['cr_maxconn']} connections). A connection counts once its end of stream is back, so the proxy's own connection to the backend and its close are inside the time. The backend closes first (like HTTP/1.0): a client-first close would leave tens of thousands of TIME_WAIT sockets on the client's ephemeral ports, and the kernel's port search, not the proxy, would become the bottleneck.",
+        f"- **slow reader MB/session**: {cfg['slow_conns']} clients each ask the backend for more than they will ever read and read nothing, for {cfg['slow_settle']:g} s; the proxy's RSS growth divided by {cfg['slow_conns']}: what it buffers for a reader slower than its sender (with flow control: at most a read or two; kernel socket buffers are not in RSS).",
+        f"- **CPU s/GB, µs/req, µs/conn**: the proxy's CPU time (`/proc/PID/stat` utime + stime, with reaped children's, over its process tree) during the bulk runs, the ping-pong run (warm-up included) and the connection-rate run, divided by the bytes (both directions), the requests and the connections done.",
         f"- **KB/conn**: after 50 warm-up connections the proxy's memory is read; then {cfg['idle_conns']} connections are opened ({cfg['idle_batch']} at a time, each checked with a one-byte echo so that both legs exist) and held idle, and memory is read again. KB/conn = difference / {cfg['idle_conns']}. RSS is `VmRSS` from `/proc/PID/status` summed over the proxy's process tree, which counts socat's shared pages once per forked child. USS is the private memory (`Private_Clean` + `Private_Dirty` in `/proc/PID/smaps_rollup`) summed the same way: what each connection really adds, the fair figure for socat, and (unlike PSS) not moved by unrelated processes sharing the same libraries. Kernel socket buffers are in neither. Not meaningful for direct (\"-\").",
         "",
         "## Reproduce",
@@ -699,6 +909,8 @@ def markdown(results: list[dict], info: dict, cfg: dict, quick: bool, elapsed: f
         "apt-get install -y haproxy socat   # optional: each is skipped when absent",
         "python3 bench/run.py --out docs/performance.md   # full run, writes this file",
         "python3 bench/run.py --quick                     # one short round, prints only",
+        "python3 bench/run.py --check                     # regression guard against bench/baseline.json",
+        "python3 bench/run.py --write-baseline            # full run; its ratios to haproxy become the baseline",
         "```",
         "",
         "Raw results of every run are saved as JSON under `bench/results/` (ignored by git).",
@@ -764,7 +976,7 @@ def interpretation(results: list[dict], cfg: dict) -> list[str]:
                 )
                 if part
             )
-            + ". Both relay bytes the same way (each transport the other's streaming producer), so per-byte and per-message figures should be close; differences of a few percent there, and on p99, are within this machine's run-to-run noise (see the ranges). wingatemap does more per connection (a rule decision, a session record, ClientConnect / ClientDisconnect events and their log lines, half-close handling, keepalive and TCP_NODELAY on both legs), so the connection rate and the memory per connection are where it can lose."
+            + ". They relay bytes differently: wingatemap's socket pump (wingate_map/pump.py) sends each read on at once with one `send` and registers for writability only when the peer is full; portforward's transports are each other's streaming producers, so every write is queued and sent a reactor turn later, after two `epoll_ctl` calls. That is where wingatemap's per-byte and per-message CPU is lower. wingatemap does more per connection (a rule decision, a session record, ClientConnect / ClientDisconnect events and their log lines, half-close handling, keepalive and TCP_NODELAY on both legs), so the connection rate and the memory per connection are where it can lose."
         )
         if verdict_of.get("conn/s", "").startswith("worse"):
             out.append(
@@ -778,7 +990,7 @@ def interpretation(results: list[dict], cfg: dict) -> list[str]:
             )
     if any(h.startswith("KB/conn") and v.startswith("worse") for h, v, *_ in (vs or [])):
         out.append(
-            "- wingatemap keeps more per live session than portforward: the `Session` record the admin API lists and kills (about 0.2 KB), a larger relay protocol (its per-session state: about 0.3 KB) and the session registry's entries. The endpoint wrapper protocol that cost another 0.4 KB per session is gone (IP destinations are connected without it)."
+            "- wingatemap keeps more per live session than portforward (tracemalloc of 500 idle sessions): the `Session` record the admin API lists and kills (about 0.2 KB), the relay protocol (its 37 slots: about 0.4 KB), the socket pump and its two legs (about 0.4 KB), the session registry's entries, and the two Twisted transports the pump took the sockets from (about 1 KB with their connector and factory), which the relay still references."
         )
     return out
 
@@ -791,6 +1003,10 @@ def print_summary(results: list[dict]) -> None:
     print()
     print("Ratios to direct:")
     for line in ratio_table(results):
+        print(line)
+    print()
+    print("Against haproxy:")
+    for line in haproxy_table(results) + [""] + targets_table(results):
         print(line)
     vs = verdicts(results)
     if vs:
@@ -806,10 +1022,19 @@ def main() -> int:
     parser.add_argument("--out", help="write the Markdown report here (e.g. docs/performance.md)")
     parser.add_argument("--only", action="append", help="measure only this proxy (repeatable; direct is always measured)")
     parser.add_argument("--report-from", metavar="JSON", help="measure nothing: rebuild the report from a saved bench/results/*.json")
+    parser.add_argument("--check", action="store_true", help="regression guard: measure wingatemap and haproxy (quick settings, or --report-from's results) and exit 1 when a ratio to haproxy is more than 15%% worse than bench/baseline.json's")
+    parser.add_argument("--write-baseline", action="store_true", help="save this run's (or --report-from's) ratios to haproxy as bench/baseline.json")
     args = parser.parse_args()
+    if args.check and not args.report_from:
+        args.quick = True
+        args.only = ["wingatemap", "haproxy"]
     if args.report_from:
         raw = json.loads(Path(args.report_from).read_text())
         print_summary(raw["results"])
+        if args.write_baseline:
+            write_baseline(raw["results"], args.report_from)
+        if args.check:
+            return check(raw["results"])
         if args.out:
             Path(args.out).write_text(
                 markdown(raw["results"], raw["versions"], raw["config"], raw["quick"], raw["elapsed_s"], raw.get("skipped", []), raw.get("pinned", True), raw.get("failed", []))
@@ -908,7 +1133,38 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(markdown(results, info, cfg, args.quick, elapsed, skipped, pinned, failed))
         print(f"wrote {args.out}")
+    if args.write_baseline:
+        write_baseline(results, f"bench/results/{stamp}.json")
+    if args.check:
+        return check(results)
     return 0
+
+
+def write_baseline(results: list[dict], source: str) -> None:
+    """
+    Save wingatemap's ratios to haproxy as the committed baseline of L{check}.
+    """
+    ratios = haproxy_ratios(results)
+    if not ratios:
+        raise SystemExit("cannot write a baseline: wingatemap and haproxy were not both measured")
+    BASELINE.write_text(json.dumps({"from": source, "ratios": {k: round(v, 3) for k, v in ratios.items()}}, indent=2) + "\n")
+    print(f"wrote {BASELINE}")
+
+
+def check(results: list[dict]) -> int:
+    """
+    The regression guard: 1 (with the reasons printed) when a ratio to haproxy is more than
+    L{CHECK_TOLERANCE} worse than the baseline's, else 0.
+    """
+    if not BASELINE.exists():
+        print(f"no baseline: {BASELINE} (write one with --write-baseline)")
+        return 1
+    print(f"\nratios to haproxy against {BASELINE.name}:")
+    problems = check_against_baseline(results, json.loads(BASELINE.read_text()))
+    for problem in problems:
+        print(f"REGRESSION: {problem}")
+    print("check: " + ("FAILED" if problems else "ok"))
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
