@@ -1,5 +1,5 @@
 """
-The socket pump (wingate_map.pump.SocketPump), driven by hand on real socket pairs with an
+The socket pump (wingate_map.relay._pump.SocketPump), driven by hand on real socket pairs with an
 in-memory reactor: its flow control (a slow reader stops the source, at most one read held),
 half-close in both directions (passed on once the bytes before it are out), resets passed on as
 resets (also when the reactor reports one as an end of input), rate limits by flow control,
@@ -22,8 +22,8 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.testing import MemoryReactorClock
 
-from wingate_map.pump import CLIENT, DESTINATION, READ_SIZE, SocketPump
-from wingate_map.ratelimit import Limiter, TokenBucket
+from wingate_map.relay._pump import CLIENT, DESTINATION, READ_SIZE, SocketPump
+from wingate_map.relay._ratelimit import Limiter, TokenBucket
 from wingate_map.sessions import Session
 
 from .helpers import Peer, PeerFactory, free_port, mapping_config, relay_of, start_service, wait_for

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 
 from attrs import evolve, frozen
 
-from .sessions import Session, utc_iso
+from ..sessions import Session, utc_iso
 
 SORTS = ("duration", "bytes", "client", "user", "mapping")
 """What the sessions of C{GET /activity.json} can be sorted by."""

@@ -45,12 +45,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import provider
 
-from .health import combine_states
-from .activity import ACTIVITY_PAGE, MAX_LIMIT, ActivityQuery, merge, session_json, summarise
-from .errors import WingateMapError
-from .printable import printable
+from ..relay import combine_states
+from ._activity import ACTIVITY_PAGE, MAX_LIMIT, ActivityQuery, merge, session_json, summarise
+from ..errors import WingateMapError
+from ..printable import printable
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.admin")  # the name log lines carried before the module moved here
 
 MAX_BODY = 64 * 1024
 """The largest request body accepted (bytes); a longer one gets 413 without being read."""
@@ -412,7 +412,7 @@ class Sessions(_Json):
         """
         C{DELETE /sessions/ID} of a session not here: asked of the other gateways.
         """
-        from .cluster import ClusterUnavailable, KillTimeout
+        from ..cluster import ClusterUnavailable, KillTimeout
 
         store = self.service.cluster
         peer = _peer(request)

@@ -20,11 +20,12 @@ from typing import Any
 
 from attrs import evolve, field, frozen
 
-from .balance import MAX_WEIGHT, METHODS as BALANCE_METHODS
-from .errors import ConfigError, ConfigProblem
-from .locations import Location, parse_location
-from .ratelimit import parse_rate
-from .tls import TLS_VERSIONS, ClientTls, ServerTls, check_pair, load_certificates
+from ._balancing import MAX_WEIGHT, METHODS as BALANCE_METHODS
+from ..errors import ConfigError, ConfigProblem
+from ..values import EVERYONE
+from ._locations import Location, parse_location
+from ._rates import parse_rate
+from ..tls import TLS_VERSIONS, ClientTls, ServerTls, check_pair, load_certificates
 
 DEFAULT_CONFIG_PATH = "wingatemap.toml"
 
@@ -47,7 +48,6 @@ _HANDLER_KEYS = ("run", "python", "timeout", "on_failure")
 _USER_KEYS = ("locations", "groups", "certificates")
 _RULE_KEYS = ("user", "group", "from", "not_from", "sni", "when", "to", "action")
 RESERVED_USERS = ("guest",)
-EVERYONE = "everyone"
 _SERVICE_KEYS = ("drain_timeout", "audit_log", "workers", "adapter_poll_interval", "timezone", "log_level", "log_format")
 LOG_LEVELS = ("debug", "info", "warn", "error")  # [service] log_level: the operational log's threshold
 LOG_FORMATS = ("text", "json")
@@ -834,7 +834,7 @@ def _read_sni_patterns(reader: _Reader, table: dict[str, Any], path: str) -> tup
     """
     A rule's C{sni} condition: server-name patterns (exact, or a leading C{*.}).
     """
-    from .sni import check_sni_pattern
+    from ._names import check_sni_pattern
 
     patterns = reader.strings(table, "sni", path, "a server name pattern")
     for index, pattern in enumerate(patterns or ()):
@@ -848,7 +848,7 @@ def _read_windows(reader: _Reader, table: dict[str, Any], path: str) -> tuple[st
     """
     A rule's C{when} condition: weekly windows, checked here, compiled by the rule service.
     """
-    from .schedule import parse_window
+    from ._schedule import parse_window
 
     windows = reader.strings(table, "when", path, "a time window")
     for index, window in enumerate(windows or ()):
@@ -1061,7 +1061,7 @@ def _read_cluster(reader: _Reader, data: dict[str, Any]) -> ClusterSettings | No
     """
     if "cluster" not in data:
         return None
-    from .cluster import parse_redis_url
+    from ..cluster import parse_redis_url
 
     table = reader.table(data, "cluster", "cluster")
     reader.check_keys(table, "cluster", _CLUSTER_KEYS)
@@ -1278,7 +1278,7 @@ def _read_document(data: dict[str, Any], base_dir: str, source: str) -> Config:
     workers = reader.integer(service_table, "workers", "service.workers", 1, 1, 64, "number of worker processes")
     timezone = service_table.get("timezone")
     if timezone is not None:
-        from .schedule import load_timezone
+        from ._schedule import load_timezone
 
         try:
             load_timezone(timezone)

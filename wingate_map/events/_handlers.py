@@ -27,10 +27,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import DEFAULT_MAX_RUNNING, Handler
-from .interfaces import IEventSink
+from ..config import DEFAULT_MAX_RUNNING, Handler
+from ..interfaces import IEventSink
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.handlers")  # the name log lines carried before the module moved here
 
 OUTPUT_LIMIT = 4096
 

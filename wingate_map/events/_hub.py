@@ -20,10 +20,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from .interfaces import IEventSink
-from .printable import printable
+from ..interfaces import IEventSink
+from ..printable import printable
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.events")  # the name log lines carried before the module moved here
 
 
 class EventHub:

@@ -21,7 +21,7 @@ from twisted.logger import ILogObserver, LogLevel, eventAsText, formatEvent, for
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
-from .sessions import utc_iso
+from ..sessions import utc_iso
 
 # sd-daemon(3) priority prefixes: journald strips them and sets PRIORITY (no time of ours:
 # journald stamps every line itself).

@@ -43,10 +43,10 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .interfaces import IEventSink
-from .sessions import REASONS
+from ..interfaces import IEventSink
+from ..values import REASONS
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.metrics")  # the name log lines carried before the module moved here
 
 REFUSALS = ("rejected", "no-destination", "connect-failed", "connect-timeout", "tls-failed", "limit", "blocked")
 # Why a connection never became a session (wingatemap_connections_dropped_total's reason).
@@ -150,10 +150,10 @@ class Metrics:
         @param reactor: what worker requests run on (the global reactor by default).
         @param now: the wall clock (unix time), for the reload timestamp.
         @param fetch: how a worker's exposition is asked for (L{fetch_metrics}).
-        @param destinations: the destination lists now (L{wingate_map.health.DestinationList}),
+        @param destinations: the destination lists now (L{wingate_map.relay.DestinationList}),
             for the C{up} gauge and the check counters.
         """
-        from .version import version
+        from ..version import version
 
         self.sessions = sessions
         self._configured = mappings

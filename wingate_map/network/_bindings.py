@@ -22,8 +22,8 @@ from typing import Any, Iterable
 
 from attrs import field, frozen
 
-from .config import Config, format_host_port
-from .errors import BindingError
+from ..config import Config, format_host_port
+from ..errors import BindingError
 
 
 @frozen

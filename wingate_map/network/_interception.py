@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from attrs import frozen
 
-from .errors import WingateMapError
+from ..errors import WingateMapError
 
 TABLE = "wingatemap"
 SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST has the same value

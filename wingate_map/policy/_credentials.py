@@ -13,14 +13,15 @@ from typing import Any, Iterable
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .config import User
-from .identity import Identity, identity_of
-from .interfaces import IIdentitySource
-from .locations import client_address
+from ..config import User
+from ..values import Identity
+from ._identity import identity_of
+from ..interfaces import IIdentitySource
+from ..config import client_address
 
 MAX_TTL = 30 * 24 * 3600.0
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.credentials")  # the name log lines carried before the module moved here
 
 
 def _log_unshared(failure: Any, client_ip: str) -> None:

@@ -14,33 +14,14 @@ from attrs import frozen
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from . import neighbours
-from .config import EVERYONE, User
-from .interfaces import IIdentitySource
-from .locations import LocationIndex, client_address
+from ..network import mac_for as neighbour_mac
+from ..values import EVERYONE, GUEST, LEVELS, Identity
+from ..config import User
+from ..interfaces import IIdentitySource
+from ..config import LocationIndex, client_address
 
 if TYPE_CHECKING:
-    from .rules import ClientInfo
-
-LEVELS = ("authenticated", "assumed", "guest")
-
-
-@frozen
-class Identity:
-    """
-    The user a client is recognised as.
-
-    @ivar level: C{authenticated}, C{assumed} or C{guest}.
-    @ivar groups: every group the user is in, always including C{everyone}.
-    """
-
-    user: str = "guest"
-    level: str = "guest"
-    groups: tuple[str, ...] = (EVERYONE,)
-
-
-GUEST = Identity()
-
+    from ..values import ClientInfo
 
 @frozen
 class IdentityResolver:
@@ -103,7 +84,7 @@ class AssumedIdentitySource:
 
     level = "assumed"
 
-    def __init__(self, users: Iterable[User], mac_for: Callable[[str], str | None] = neighbours.mac_for) -> None:
+    def __init__(self, users: Iterable[User], mac_for: Callable[[str], str | None] = neighbour_mac) -> None:
         self.users = tuple(users)
         self._index = LocationIndex(u.locations for u in self.users)
         self._mac_for = mac_for

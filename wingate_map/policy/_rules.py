@@ -18,60 +18,19 @@ import time
 from datetime import datetime, timezone, tzinfo
 from typing import Callable
 
-from attrs import field, frozen
+from attrs import frozen
 from zope.interface import implementer
 
-from . import neighbours
-from .config import Destination, Mapping, Rule
-from .identity import GUEST, Identity, IdentityResolver
-from .interfaces import IRuleService
-from .locations import LocationSet, RangeLists, client_address
-from .schedule import Schedule, load_timezone
-from .sni import sni_matches
-
-CONNECT = "connect"
-REJECT = "reject"
-NO_DESTINATION = "no-destination"
+from ..network import mac_for as neighbour_mac
+from ..config import Mapping, Rule
+from ..values import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision, Identity
+from ._identity import IdentityResolver
+from ..interfaces import IRuleService
+from ..config import LocationSet, RangeLists, client_address
+from ..config import Schedule, load_timezone
+from ..config import sni_matches
 
 _CACHE_LIMIT = 4096
-
-
-@frozen
-class ClientInfo:
-    """
-    What is known about an accepted client when its destination is chosen.
-
-    @ivar original_dst: C{ip:port} the client originally addressed (intercepted connections).
-    @ivar certificate_cn: the subject CN of the client's verified TLS certificate, if any.
-    @ivar sni: the server name the client asked for in its TLS ClientHello, if known.
-    """
-
-    mapping: str
-    client_ip: str
-    client_port: int
-    local_ip: str
-    local_port: int
-    original_dst: str | None = None
-    tls: bool = False
-    certificate_cn: str | None = None
-    sni: str | None = None
-
-
-@frozen
-class Decision:
-    """
-    The outcome for one client.
-
-    @ivar action: L{CONNECT}, L{REJECT} or L{NO_DESTINATION}.
-    @ivar destinations: tried in order until one connects (for L{CONNECT}).
-    @ivar rule: the 0-based index of the matching rule, C{"default"}, or L{None}.
-    """
-
-    action: str
-    destinations: tuple[Destination, ...] = ()
-    rule: int | str | None = None
-    identity: Identity = GUEST
-    reasons: tuple[str, ...] = field(default=(), eq=False)
 
 
 @frozen
@@ -114,7 +73,7 @@ class MappingRuleService:
         self,
         mapping: Mapping,
         identities: IdentityResolver = IdentityResolver(),
-        mac_for: Callable[[str], str | None] = neighbours.mac_for,
+        mac_for: Callable[[str], str | None] = neighbour_mac,
         tz: tzinfo | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:

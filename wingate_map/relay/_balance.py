@@ -41,18 +41,12 @@ from attrs import field, frozen, validators
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-_log = Logger()
+from ..config import FAILOVER, LEAST_CONNECTIONS, MAX_WEIGHT, METHODS, ROUND_ROBIN, SOURCE_HASH
 
-FAILOVER = "failover"
-ROUND_ROBIN = "round-robin"
-LEAST_CONNECTIONS = "least-connections"
-SOURCE_HASH = "source-hash"
-METHODS = (FAILOVER, ROUND_ROBIN, LEAST_CONNECTIONS, SOURCE_HASH)
+_log = Logger(namespace="wingate_map.balance")  # the name log lines carried before the module moved here
 
 UP = "up"
 DOWN = "down"
-
-MAX_WEIGHT = 256
 
 
 @frozen

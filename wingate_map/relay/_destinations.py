@@ -18,9 +18,9 @@ from twisted.internet.protocol import ClientFactory
 from twisted.internet.interfaces import IStreamClientEndpoint
 from zope.interface import implementer
 
-from .config import Destination
-from .interfaces import IDestinationEndpointFactory
-from .tls import client_creator, half_close_tls_factory
+from ..config import Destination
+from ..interfaces import IDestinationEndpointFactory
+from ..tls import client_creator, half_close_tls_factory
 
 
 @implementer(IDestinationEndpointFactory)

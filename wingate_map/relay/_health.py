@@ -37,12 +37,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .balance import DOWN, Balancer, DestinationHealth, HealthPolicy
-from .config import Destination, Mapping
-from .proxy_protocol import build_header
-from .tls import describe_tls_failure
+from ._balance import DOWN, Balancer, DestinationHealth, HealthPolicy
+from ..config import Destination, Mapping
+from ._proxy_protocol import build_header
+from ..tls import describe_tls_failure
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.health")  # the name log lines carried before the module moved here
 
 #: Each next check comes after the interval times a random factor in this range.
 JITTER = (0.9, 1.1)

@@ -33,20 +33,20 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .config import Destination, Mapping
-from .events import EventHub
-from .interfaces import IDestinationEndpointFactory, IRuleService
-from .config import format_host_port
-from .interception import original_destination
-from .locations import LocationSet, client_address
-from .pump import CLIENT, IPumpOwner, SocketPump, TransportPump, take_over
-from .proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
-from .tls import describe_tls_failure, subject_common_name
-from .rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
-from .sni import ClientHelloReader, HelloResult, server_name
-from .sessions import Session, SessionRegistry
+from ..config import Destination, Mapping
+from ..events import EventHub
+from ..interfaces import IDestinationEndpointFactory, IRuleService
+from ..config import format_host_port
+from ..network import original_destination
+from ..config import LocationSet, client_address
+from ._pump import CLIENT, IPumpOwner, SocketPump, TransportPump, take_over
+from ._proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
+from ..tls import describe_tls_failure, subject_common_name
+from ..values import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
+from ._sni import ClientHelloReader, HelloResult, server_name
+from ..sessions import Session, SessionRegistry
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.relay")  # the name log lines carried before the module moved here
 
 # Client bytes held while the destination gets ready: at most what was in flight when the
 # client was paused (one read, one TLS record batch).
@@ -70,7 +70,7 @@ class MappingRuntime:
     # Each destination list's balancer and health (health.DestinationList), by rule index or
     # "default"; a decision whose list is not here is tried in order, without health.
     balancers: dict[Any, Any] = field(factory=dict)
-    rate_limits: Any = None  # wingate_map.ratelimit.RateLimits (shared buckets), else None
+    rate_limits: Any = None  # wingate_map.relay.RateLimits (shared buckets), else None
     socket_pump: bool = True  # plain TCP legs relayed by pump.SocketPump (else Twisted's transports)
     proxy_from: LocationSet | None = field(init=False)
 

@@ -37,7 +37,7 @@ import struct
 
 from attrs import frozen
 
-from .printable import printable_bytes
+from ..printable import printable_bytes
 
 V1_SIGNATURE = b"PROXY "
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -16,7 +16,7 @@ Two implementations of one interface (L{IPump}):
   - L{TransportPump}, for legs with TLS (or anything that is not a plain socket): Twisted's
     transports, each the other's streaming producer; the relay still hears their endings.
 
-Rate limits (L{wingate_map.ratelimit.Limiter}, one per direction) plug into both: the source
+Rate limits (L{wingate_map.relay._ratelimit.Limiter}, one per direction) plug into both: the source
 reads only as many bytes as the limit allows now and otherwise stops reading until it allows
 more, so bytes wait in the kernel, not here.
 
@@ -33,19 +33,22 @@ import socket
 import struct
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import (
     IHalfCloseableDescriptor,
     IPushProducer,
     IReactorFDSet,
     IReactorTime,
+    ITCPTransport,
     IReadDescriptor,
     IWriteDescriptor,
 )
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import Attribute, Interface, implementer
 
-from .ratelimit import Limiter, Throttle
+from ._ratelimit import Limiter, Throttle
+from ._tcp_internals import unsent as _unsent
+from ._tcp_internals import write_closed
 
 #: The most bytes read at once (and so held per direction when the peer is slow).
 READ_SIZE = 256 * 1024
@@ -102,13 +105,13 @@ def _is_again(error: OSError) -> bool:
     return isinstance(error, (BlockingIOError, InterruptedError)) or error.errno in _AGAIN
 
 
-def _tcp_transport(transport: Any) -> tcp.Connection | None:
+def _tcp_transport(transport: Any) -> FileDescriptor | None:
     """
     The TCP connection under C{transport} (itself, or under protocol wrappers such as a
     worker's reset-on-death layer), or None.
     """
     for _ in range(4):
-        if isinstance(transport, tcp.Connection):
+        if isinstance(transport, FileDescriptor) and ITCPTransport.providedBy(transport):
             return transport
         if isinstance(transport, TLSMemoryBIOProtocol):
             return None  # TLS: its bytes are not the socket's
@@ -116,26 +119,6 @@ def _tcp_transport(transport: Any) -> tcp.Connection | None:
         if transport is None:
             return None
     return None
-
-
-def _unsent(transport: tcp.Connection) -> bytes | None:
-    """
-    What C{transport} has buffered but not sent yet (a PROXY header written at connect), or
-    None if that cannot be told.
-
-    Twisted has no public way to take a transport's write buffer: this reads
-    L{twisted.internet.abstract.FileDescriptor}'s C{dataBuffer}, C{offset} and
-    C{_tempDataBuffer} (stable since Twisted 8), and answers None, so the caller keeps
-    Twisted's transports, if they are not there.
-    """
-    try:
-        head = transport.dataBuffer[transport.offset :]
-        tail = transport._tempDataBuffer
-    except AttributeError:
-        return None
-    if not isinstance(head, bytes) or not isinstance(tail, list):
-        return None
-    return head + b"".join(tail) if tail else bytes(head)
 
 
 def take_over(reactor: Any, client: Any, destination: Any) -> tuple[socket.socket, socket.socket, bytes, bytes] | None:
@@ -149,7 +132,7 @@ def take_over(reactor: Any, client: Any, destination: Any) -> tuple[socket.socke
     legs = [_tcp_transport(client), _tcp_transport(destination)]
     taken = []
     for leg in legs:
-        if leg is None or not leg.connected or leg.disconnecting or leg.disconnected or leg._writeDisconnected:
+        if leg is None or not leg.connected or leg.disconnecting or leg.disconnected or write_closed(leg):
             return None
         if not isinstance(getattr(leg, "socket", None), socket.socket) or leg.producer is not None:
             return None

@@ -19,18 +19,9 @@ percent over any few seconds.
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-
-_RATE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<prefix>[kmg]?)bit(?:/s)?", re.IGNORECASE)
-_PREFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
-
-RATE_FORM = (
-    "expected bits per second such as '512kbit', '50Mbit' or '1Gbit' (a number, an optional "
-    "decimal prefix k, M or G, and the unit 'bit')"
-)
 
 #: Default burst: this many seconds' worth of the rate...
 BURST_SECONDS = 0.1
@@ -40,23 +31,6 @@ MIN_BURST = 16 * 1024
 # Rounding guard for float token counts: a bucket refilled for exactly the computed delay must
 # allow the bytes it was computed for.
 _EPSILON = 1e-6
-
-
-def parse_rate(text: object) -> int:
-    """
-    The rate C{text} names, in bits per second.
-
-    @raise ValueError: saying what is wrong and what is allowed.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"{RATE_FORM}; not {type(text).__name__}")
-    match = _RATE.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"{text!r}: {RATE_FORM}")
-    bits = round(float(match.group("number")) * _PREFIXES[match.group("prefix").lower()])
-    if bits < 8:
-        raise ValueError(f"{text!r}: a rate must be at least 8bit (one byte per second); omit it for no limit")
-    return bits
 
 
 def default_burst(rate: float) -> float:

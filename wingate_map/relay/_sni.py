@@ -1,7 +1,7 @@
 """
 The TLS server name a client asks for, read from its ClientHello without terminating TLS (what
-nginx's C{ssl_preread} and HAProxy's C{req.ssl_sni} do), and the C{sni} patterns rules match it
-with.
+nginx's C{ssl_preread} and HAProxy's C{req.ssl_sni} do).  (The C{sni} patterns rules
+match it with are in L{wingate_map.config}.)
 
 L{ClientHelloReader} is fed the first bytes a client sends, in whatever pieces TCP delivers them,
 and says once it knows: the host name, or C{None} when the bytes are not TLS, are malformed, carry
@@ -18,9 +18,9 @@ hyphens and dots in labels of 1-63 characters, at most 253 characters, I{without
 
 from __future__ import annotations
 
-import re
-
 from attrs import frozen
+
+from ..config import host_name as _host_name
 
 #: The largest handshake message (header included) accepted as a ClientHello.  Real ones are
 #: 200 bytes to 2 KiB (post-quantum key shares included); RFC 8446 records carry at most 16 KiB.
@@ -44,8 +44,6 @@ NOT_TLS = "not-tls"
 MALFORMED = "malformed"
 TOO_LARGE = "too-large"
 INCOMPLETE = "incomplete"
-
-_LABEL = re.compile(r"[a-z0-9-]{1,63}\Z")
 
 
 @frozen
@@ -268,18 +266,6 @@ def _read_server_name(extension: _Cursor) -> tuple[str | None, str]:
     return (host, SNI) if host is not None else (None, MALFORMED)
 
 
-def _host_name(raw: bytes) -> str | None:
-    """
-    C{raw} as a lowercased host name, or C{None} unless it is a well-formed one.
-    """
-    if not 1 <= len(raw) <= 253 or not raw.isascii():
-        return None
-    name = raw.decode("ascii").lower()
-    if all(_LABEL.match(label) for label in name.split(".")):
-        return name
-    return None
-
-
 def server_name(raw: bytes) -> str | None:
     """
     The name a client asked for in a TLS handshake wingatemap terminated (pyOpenSSL's
@@ -287,41 +273,3 @@ def server_name(raw: bytes) -> str | None:
     it is a well-formed host name.
     """
     return _host_name(raw)
-
-
-def check_sni_pattern(text: object) -> str | None:
-    """
-    Why C{text} is not a valid C{sni} pattern, or C{None} if it is one.
-
-    A pattern is a host name (letters, digits, hyphens, dots; labels of 1-63 characters; at most
-    253 characters; no trailing dot), optionally starting with C{*.} to stand for one or more
-    labels.  Case does not matter.
-    """
-    allowed = (
-        "expected a host name such as 'app.example.com' or a leading wildcard such as "
-        "'*.example.com' (letters, digits, hyphens and dots; no trailing dot)"
-    )
-    if not isinstance(text, str):
-        return f"{allowed}, not {type(text).__name__}"
-    rest = text[2:] if text.startswith("*.") else text
-    if "*" in rest:
-        return f"{text!r}: '*' may only be the whole first label ('*.example.com'); {allowed}"
-    if _host_name(rest.encode("utf-8")) is None:
-        return f"{text!r} is not a valid name: {allowed}"
-    return None
-
-
-def sni_matches(pattern: str, name: str | None) -> bool:
-    """
-    Whether the server name C{name} matches the C{sni} pattern C{pattern}, case-insensitively:
-    exactly, or for C{*.example.com} any name with one or more labels before C{.example.com}
-    (C{a.example.com}, C{a.b.example.com}, never C{example.com} itself).  No name matches nothing.
-    """
-    if not name:
-        return False
-    pattern = pattern.lower()
-    name = name.lower()
-    if pattern.startswith("*."):
-        suffix = pattern[1:]
-        return len(name) > len(suffix) and name.endswith(suffix)
-    return name == pattern

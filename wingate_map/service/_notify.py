@@ -16,7 +16,7 @@ from typing import Mapping
 
 from twisted.logger import Logger
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.notify")  # the name log lines carried before the module moved here
 
 NOTIFY_ENV = "NOTIFY_SOCKET"
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.signals")  # the name log lines carried before the module moved here
 
 
 class SignalHandlers:

@@ -52,11 +52,11 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
-from .errors import WingateMapError
-from .interfaces import IEventSink
-from .sessions import utc_iso
+from ..errors import WingateMapError
+from ..interfaces import IEventSink
+from ..sessions import utc_iso
 
-_log = Logger()
+_log = Logger(namespace="wingate_map.workers")  # the name log lines carried before the module moved here
 
 WORKER_ENV = "WINGATEMAP_WORKER"
 RUNTIME_ENV = "WINGATEMAP_WORKER_DIR"

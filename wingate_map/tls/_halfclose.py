@@ -7,6 +7,11 @@ and 1.3 both allow sending after receiving close_notify, and receiving after sen
 this subclass exposes it: the peer's close_notify (or a bare TCP FIN) becomes
 readConnectionLost, and loseWriteConnection sends close_notify then a TCP FIN.  It only does so
 for wrapped protocols that are IHalfCloseableProtocol; anything else gets Twisted's behaviour.
+
+This is the one place that depends on TLSMemoryBIOProtocol's private methods and attributes
+(C{_flushReceiveBIO}, C{_shutdownTLS}, C{_unbufferPendingWrites}, C{_tlsConnection},
+C{_appSendBuffer}...): Twisted has no public hook for half-close over TLS.  pyproject.toml pins
+Twisted below its next major version; tests/test_tls_endings.py covers every path here.
 """
 
 from __future__ import annotations

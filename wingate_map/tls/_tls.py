@@ -16,6 +16,8 @@ from typing import Any
 
 from attrs import frozen
 
+from ._openssl import verify_error_text, verify_result
+
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -234,30 +236,6 @@ class _KeepConnection:
         return connection
 
 
-def _verify_result(connection: Any) -> int:
-    """
-    OpenSSL's X509 verification result code for a connection (0 = ok or unknown).
-    """
-    try:
-        from OpenSSL._util import lib
-
-        return int(lib.SSL_get_verify_result(connection._ssl))
-    except Exception:
-        return 0
-
-
-def verify_error_text(errno: int) -> str:
-    """
-    OpenSSL's words for an X509 verification error code.
-    """
-    try:
-        from OpenSSL._util import ffi, lib
-
-        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode()
-    except Exception:
-        return f"certificate verification error {errno}"
-
-
 def describe_tls_failure(tls_protocol: Any, reason: Any) -> str:
     """
     Why a TLS handshake failed, in words: the verification error if one was recorded (only
@@ -274,7 +252,7 @@ def describe_tls_failure(tls_protocol: Any, reason: Any) -> str:
             wanted.append(name.decode() if isinstance(name, bytes) else str(name))
         return f"certificate name mismatch: the certificate is not valid for {', '.join(wanted) or 'the server name'}"
     connection = getattr(tls_protocol, CONNECTION_ATTRIBUTE, None)
-    code = _verify_result(connection) if connection is not None and _verifies_peer(connection) else 0
+    code = verify_result(connection) if connection is not None and _verifies_peer(connection) else 0
     if code:
         return f"certificate verification failed: {verify_error_text(code)}"
     if value is None:
@@ -387,7 +365,7 @@ def half_close_tls_factory(context: Any, is_client: bool, wrapped: Any, preamble
     L{wingate_map.halfclose}.  (Imported here lazily: the configuration checks use this module
     without needing Twisted's TLS machinery.)
     """
-    from .halfclose import HalfCloseTLSFactory
+    from ._halfclose import HalfCloseTLSFactory
 
     factory = HalfCloseTLSFactory(context, is_client, wrapped)
     factory.preamble = preamble
