@@ -122,6 +122,57 @@ def _endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _connect_text(event: dict[str, Any]) -> str:
+    text = (
+        f"ClientConnect {event['session']} mapping={event['mapping']} "
+        f"client={_endpoint(event['client_ip'], event['client_port'])} user={event['user']} ({event['identity']}) "
+        f"rule={event['rule']} destination={event['destination']}"
+    )
+    if event["original_dst"]:
+        text += f" original_dst={event['original_dst']}"
+    if event.get("sni"):
+        text += f" sni={event['sni']}"
+    if event["tls"]:
+        text += " tls"
+    return text
+
+
+def _disconnect_text(event: dict[str, Any]) -> str:
+    return (
+        f"ClientDisconnect {event['session']} mapping={event['mapping']} "
+        f"client={_endpoint(event['client_ip'], event['client_port'])} destination={event['destination']} "
+        f"reason={event['reason']} bytes_from_client={event['bytes_from_client']} "
+        f"bytes_to_client={event['bytes_to_client']} duration={event['duration']}"
+    )
+
+
+class _Line:
+    """
+    An event's log line, built (and escaped with L{printable}) the first time an observer
+    formats it: when the log level drops the event, no text is ever built.  It formats, prints
+    and C{repr}s (a JSON log's C{text} field) as the line itself.
+    """
+
+    __slots__ = ("_build", "_event", "_text")
+
+    def __init__(self, build: Any, event: dict[str, Any]) -> None:
+        self._build = build
+        self._event = event
+        self._text: str | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            # The whole line is escaped at once: every field is, and the rest is our own text.
+            self._text = printable(self._build(self._event))
+            self._event = None  # type: ignore[assignment]
+        return self._text
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 @implementer(IEventSink)
 class LogSink:
     """
@@ -133,41 +184,27 @@ class LogSink:
 
     log = Logger(namespace="wingate_map.events")
 
-    # The text is built once with an f-string and logged as "{text}": formatting a 14-field
-    # format string through twisted.logger for every connection costs more than the relay.
+    # The text is built with an f-string and logged as "{text}" (formatting a 14-field format
+    # string through twisted.logger for every connection costs more than the relay), and only
+    # when an observer formats the event (see _Line).
 
     def client_connect(self, event: dict[str, Any]) -> None:
         """
         Log ClientConnect.
         """
-        text = (
-            f"ClientConnect {event['session']} mapping={event['mapping']} "
-            f"client={_endpoint(event['client_ip'], event['client_port'])} user={event['user']} ({event['identity']}) "
-            f"rule={event['rule']} destination={event['destination']}"
-        )
-        if event["original_dst"]:
-            text += f" original_dst={event['original_dst']}"
-        if event.get("sni"):
-            text += f" sni={event['sni']}"
-        if event["tls"]:
-            text += " tls"
-        # The whole line is escaped at once: every field is, and the rest is our own text.
-        self.log.info("{text}", text=printable(text), **event)
+        self.log.info("{text}", text=_Line(_connect_text, event), **event)
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """
         Log ClientDisconnect.
         """
-        text = (
-            f"ClientDisconnect {event['session']} mapping={event['mapping']} "
-            f"client={_endpoint(event['client_ip'], event['client_port'])} destination={event['destination']} "
-            f"reason={event['reason']} bytes_from_client={event['bytes_from_client']} "
-            f"bytes_to_client={event['bytes_to_client']} duration={event['duration']}"
-        )
-        self.log.info("{text}", text=printable(text), **event)
+        self.log.info("{text}", text=_Line(_disconnect_text, event), **event)
 
 
 AUDIT_LOG_MODE = 0o640
+
+# One encoder for every line (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _open_audit_log(path: str) -> int:
@@ -227,7 +264,7 @@ class AuditLogSink:
     def _write(self, event: dict[str, Any]) -> None:
         if self._fd is None:
             raise ValueError(f"audit log {self.path} is closed")
-        data = memoryview((json.dumps(event, separators=(",", ":")) + "\n").encode("utf-8"))
+        data = memoryview((_encode(event) + "\n").encode("utf-8"))
         while data:  # a regular file takes all of it at once unless the disk is full
             written = os.write(self._fd, data)
             if written <= 0:
