@@ -33,8 +33,9 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from wingate_map.config import parse_config  # noqa: E402
-from wingate_map.identity import AssumedIdentitySource, IdentityResolver  # noqa: E402
-from wingate_map.rules import ClientInfo, MappingRuleService  # noqa: E402
+from wingate_map.policy import AssumedIdentitySource, IdentityResolver  # noqa: E402
+from wingate_map.values import ClientInfo  # noqa: E402
+from wingate_map.policy import MappingRuleService  # noqa: E402
 
 USERS = 10_000
 RULES = 1_000

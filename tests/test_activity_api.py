@@ -19,8 +19,8 @@ from twisted.internet.task import Clock
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from wingate_map.activity import DEFAULT_LIMIT, MAX_LIMIT
-from wingate_map.admin import AdminRoot, admin_site, listen_admin
+from wingate_map.admin._activity import DEFAULT_LIMIT, MAX_LIMIT
+from wingate_map.admin._api import AdminRoot, admin_site, listen_admin
 from wingate_map.config import parse_config
 from wingate_map.service import WingateMapService
 from wingate_map.sessions import Session

@@ -27,9 +27,18 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
 
-from wingate_map.admin import LINGER, LINGER_BYTES, MAX_BODY, MAX_CONNECTIONS, REQUEST_TIMEOUT, admin_site, listen_admin, offered_token
+from wingate_map.admin._api import (
+    LINGER,
+    LINGER_BYTES,
+    MAX_BODY,
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    admin_site,
+    listen_admin,
+    offered_token,
+)
 from wingate_map.config import parse_config
-from wingate_map.credentials import CredentialStore
+from wingate_map.policy import CredentialStore
 from wingate_map.errors import WingateMapError
 from wingate_map.service import WingateMapService
 

@@ -16,16 +16,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from wingate_map.balance import (
-    DOWN,
-    FAILOVER,
-    LEAST_CONNECTIONS,
-    ROUND_ROBIN,
-    SOURCE_HASH,
-    UP,
-    Balancer,
-    HealthPolicy,
-)
+from wingate_map.relay._balance import DOWN, UP, Balancer, HealthPolicy
+from wingate_map.config import FAILOVER, LEAST_CONNECTIONS, ROUND_ROBIN, SOURCE_HASH
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ["10.0.0.30:3389", "10.0.0.31:3389", "10.0.0.32:3389"]
@@ -182,7 +174,7 @@ def test_source_hash_is_stable_across_processes():
     does not depend on Python's per-process hash seed.
     """
     script = (
-        "import json; from twisted.internet.task import Clock; from wingate_map.balance import Balancer;"
+        "import json; from twisted.internet.task import Clock; from wingate_map.relay._balance import Balancer;"
         f"b = Balancer({NAMES!r}, Clock(), 'source-hash');"
         "print(json.dumps([b.candidates(f'10.9.0.{i}') for i in range(50)]))"
     )

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from wingate_map.bindings import Adapter, classify, list_adapters, plan_listeners, resolve_bind
+from wingate_map.network._bindings import Adapter, classify, list_adapters, plan_listeners, resolve_bind
 from wingate_map.config import parse_config
 from wingate_map.errors import BindingError, WingateMapError
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from wingate_map.config import Destination, parse_config, parse_map_option, load_config
+from wingate_map.config import Destination, load_config, parse_config, parse_map_option
 from wingate_map.errors import ConfigError
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from twisted.logger import LogLevel, Logger, formatEvent, formatEventAsClassicLogText
 
-from wingate_map import events, logs
+from wingate_map.events import _hub as events
+from wingate_map.events import _logs as logs
 from wingate_map.events import LogSink
 from wingate_map.sessions import Session
 

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from wingate_map.config import Handler
-from wingate_map.handlers import ProgramHandler, PythonHandler, environment
+from wingate_map.events._handlers import ProgramHandler, PythonHandler, environment
 
 EVENT = {
     "event": "ClientConnect", "time": "2026-11-26T10:00:00.000Z", "session": "ab-1", "mapping": "m",

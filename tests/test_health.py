@@ -1,5 +1,5 @@
 """
-The active health checker (wingate_map/health.py) in memory on a simulated clock: checks
+The active health checker (wingate_map/relay/_health.py) in memory on a simulated clock: checks
 spread over the interval, rise and fall through checks, a TLS destination passing only once its
 handshake is done, timeouts, a PROXY-protocol destination checked with a LOCAL header, one
 check per destination shared by the lists it is in, reload keeping unchanged lists, and
@@ -14,10 +14,10 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from wingate_map.balance import DOWN, UP
+from wingate_map.relay._balance import DOWN, UP
 from wingate_map.config import parse_config
-from wingate_map.health import HealthChecker, build_lists, combine_states
-from wingate_map.proxy_protocol import V2_SIGNATURE
+from wingate_map.relay import HealthChecker, build_lists, combine_states
+from wingate_map.relay._proxy_protocol import V2_SIGNATURE
 from wingate_map.testing import FakeEndpoints
 
 

@@ -10,11 +10,11 @@ import struct
 
 import pytest
 
-from wingate_map import interception
-from wingate_map.bindings import Adapter, plan_listeners
+from wingate_map.network import _interception as interception
+from wingate_map.network import Adapter, plan_listeners
 from wingate_map.config import parse_config
 from wingate_map.errors import BindingError
-from wingate_map.interception import InterceptionError, Redirect, original_destination, ruleset
+from wingate_map.network._interception import InterceptionError, Redirect, original_destination, ruleset
 
 
 def test_ruleset_ports_ranges_and_families():

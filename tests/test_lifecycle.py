@@ -23,7 +23,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
-from wingate_map.bindings import Adapter
+from wingate_map.network import Adapter
 from wingate_map.config import parse_config
 from wingate_map.service import WingateMapService
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol
 
-from wingate_map import relay
+from wingate_map.relay import _protocol as relay
 
 from .helpers import Peer, PeerFactory, free_port, mapping_config, start_service, wait_for
 from .pki import PKI

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from wingate_map.config import Config, ServiceSettings, parse_config
 from wingate_map.errors import ConfigError
-from wingate_map.logs import ServiceLogObserver, event_as_json, install, is_journal
+from wingate_map.events._logs import ServiceLogObserver, event_as_json, install, is_journal
 
 from .test_end_to_end import ENV, TWISTD, WINGATEMAP, Proc
 

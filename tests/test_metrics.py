@@ -19,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import fail, succeed
 from twisted.python.failure import Failure
 
-from wingate_map.metrics import DROPS, REFUSALS, Metrics
-from wingate_map.proxy_protocol import HEADER_TIMEOUT
-from wingate_map.sessions import REASONS, Session
+from wingate_map.events._metrics import DROPS, REFUSALS, Metrics
+from wingate_map.relay._proxy_protocol import HEADER_TIMEOUT
+from wingate_map.values import REASONS
+from wingate_map.sessions import Session
 from wingate_map.testing import RelayHarness, simple_mapping
 from wingate_map.tls import ServerTls
 

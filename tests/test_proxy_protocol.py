@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from wingate_map.config import Destination, parse_location
-from wingate_map.proxy_protocol import (
+from wingate_map.relay._proxy_protocol import (
     HEADER_TIMEOUT,
     V2_SIGNATURE,
     ProxyHeader,

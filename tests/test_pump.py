@@ -1,5 +1,5 @@
 """
-The socket pump (wingate_map.pump.SocketPump), driven by hand on real socket pairs with an
+The socket pump (wingate_map.relay._pump.SocketPump), driven by hand on real socket pairs with an
 in-memory reactor: its flow control (a slow reader stops the source, at most one read held),
 half-close in both directions (passed on once the bytes before it are out), resets passed on as
 resets (also when the reactor reports one as an end of input), rate limits by flow control,
@@ -26,8 +26,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from zope.interface.verify import verifyObject
 
-from wingate_map.pump import CLIENT, DESTINATION, READ_SIZE, IPump, SocketPump, TransportPump
-from wingate_map.ratelimit import Limiter, TokenBucket
+from wingate_map.relay._pump import CLIENT, DESTINATION, READ_SIZE, IPump, SocketPump, TransportPump
+from wingate_map.relay._ratelimit import Limiter, TokenBucket
 from wingate_map.sessions import Session
 from wingate_map.testing import FakeTransport
 

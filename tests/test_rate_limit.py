@@ -16,10 +16,10 @@ import pytest_twisted
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from wingate_map.config import RateLimit, parse_config
+from wingate_map.config._model import RateLimit, parse_config
 from wingate_map.errors import ConfigError
-from wingate_map.pump import READ_SIZE, SocketPump, TransportPump
-from wingate_map.ratelimit import RateLimits, default_burst
+from wingate_map.relay._pump import READ_SIZE, SocketPump, TransportPump
+from wingate_map.relay._ratelimit import RateLimits, default_burst
 from wingate_map.testing import RelayHarness, simple_mapping
 
 from .helpers import Peer, PeerFactory, buffered, free_port, mapping_config, relay_of, start_service, wait_for

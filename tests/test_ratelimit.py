@@ -9,14 +9,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from wingate_map.ratelimit import (
-    MIN_BURST,
-    Limiter,
-    Throttle,
-    TokenBucket,
-    default_burst,
-    parse_rate,
-)
+from wingate_map.relay._ratelimit import MIN_BURST, Limiter, Throttle, TokenBucket, default_burst
+from wingate_map.config import parse_rate
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 
-from wingate_map.config import key_paths
+from wingate_map.config._model import key_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

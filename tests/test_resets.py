@@ -27,7 +27,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from wingate_map.relay import pending_socket_error
+from wingate_map.relay._protocol import pending_socket_error
 from wingate_map.testing import FakeTransport
 
 from .helpers import Peer, PeerFactory, free_port, mapping_config, relay_of, start_service, wait_for

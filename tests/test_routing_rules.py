@@ -11,9 +11,10 @@ import pytest
 
 from wingate_map.config import parse_config
 from wingate_map.errors import ConfigError
-from wingate_map.identity import AssumedIdentitySource, IdentityResolver
-from wingate_map.rules import ClientInfo, MappingRuleService
-from wingate_map.schedule import load_timezone
+from wingate_map.policy import AssumedIdentitySource, IdentityResolver
+from wingate_map.values import ClientInfo
+from wingate_map.policy import MappingRuleService
+from wingate_map.config import load_timezone
 
 CONFIG = """
 [service]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from wingate_map.config import HealthCheck, parse_config
+from wingate_map.config._model import HealthCheck, parse_config
 from wingate_map.errors import ConfigError
 
 
@@ -70,9 +70,9 @@ def test_weight_without_a_weighted_method_is_warned():
 from twisted.internet.error import ConnectionRefusedError  # noqa: E402
 from twisted.logger import capturedLogs  # noqa: E402
 
-from wingate_map.balance import DOWN, UP  # noqa: E402
-from wingate_map.health import build_lists  # noqa: E402
-from wingate_map.relay import Phase  # noqa: E402
+from wingate_map.relay._balance import DOWN, UP  # noqa: E402
+from wingate_map.relay import build_lists  # noqa: E402
+from wingate_map.relay._protocol import Phase  # noqa: E402
 from wingate_map.testing import RelayHarness  # noqa: E402
 
 from .test_sni import python_hello  # noqa: E402

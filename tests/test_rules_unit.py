@@ -12,9 +12,10 @@ import pytest
 
 from wingate_map.config import parse_config
 from wingate_map.errors import ConfigError
-from wingate_map.identity import AssumedIdentitySource, IdentityResolver
-from wingate_map.locations import LocationIndex, LocationSet, client_address, parse_location
-from wingate_map.rules import CONNECT, NO_DESTINATION, REJECT, ClientInfo, MappingRuleService
+from wingate_map.policy import AssumedIdentitySource, IdentityResolver
+from wingate_map.config import LocationIndex, LocationSet, client_address, parse_location
+from wingate_map.values import CONNECT, NO_DESTINATION, REJECT, ClientInfo
+from wingate_map.policy import MappingRuleService
 
 
 def ip(text):
@@ -231,8 +232,8 @@ def test_candidate_cache_is_bounded():
     """
     The per-identity rule cache never grows past its limit, however many users are seen.
     """
-    from wingate_map import rules as rules_module
-    from wingate_map.identity import Identity
+    from wingate_map.policy import _rules as rules_module
+    from wingate_map.values import Identity
 
     rules = service()
     for n in range(rules_module._CACHE_LIMIT + 50):

@@ -10,14 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from wingate_map.schedule import (
-    Schedule,
-    Window,
-    load_timezone,
-    parse_moment,
-    parse_window,
-    system_timezone,
-)
+from wingate_map.config._schedule import Schedule, Window, load_timezone, parse_moment, parse_window, system_timezone
 
 BERLIN = load_timezone("Europe/Berlin")
 UTC = timezone.utc

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.error import ConnectionRefusedError
 
 from wingate_map import service_from_file
-from wingate_map.workers import RUNTIME_ENV, runtime_dir
+from wingate_map.service._workers import RUNTIME_ENV, runtime_dir
 
 from .helpers import free_port, wait_for
 

@@ -15,20 +15,19 @@ import subprocess
 
 import pytest
 
-from wingate_map.sni import (
+from wingate_map.relay._sni import (
     INCOMPLETE,
     MALFORMED,
     MAX_BUFFERED,
     MAX_HELLO,
-    NO_SNI,
     NOT_TLS,
+    NO_SNI,
     SNI,
     TOO_LARGE,
     ClientHelloReader,
     HelloResult,
-    check_sni_pattern,
-    sni_matches,
 )
+from wingate_map.config import check_sni_pattern, sni_matches
 
 _NAME = re.compile(r"[a-z0-9.-]{1,253}\Z")
 

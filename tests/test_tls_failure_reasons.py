@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet import protocol
 from twisted.test.iosim import connectedServerAndClient
 
-from wingate_map.config import ClientTls, ServerTls
+from wingate_map.config._model import ClientTls, ServerTls
 from wingate_map.tls import client_creator, describe_tls_failure, half_close_tls_factory, server_options
 
 from .helpers import Peer, free_port, start_service

@@ -164,8 +164,8 @@ def test_certificate_names_are_never_printed_raw():
     a client is), its control characters are escaped.
     """
     from wingate_map.config import User
-    from wingate_map.identity import CertificateIdentitySource
-    from wingate_map.rules import ClientInfo
+    from wingate_map.policy import CertificateIdentitySource
+    from wingate_map.values import ClientInfo
 
     cn = "alice\x1b]0;owned\x07"
     source = CertificateIdentitySource([User(name="alice", certificates=(cn,))])

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wingate_map.sessions import Session, SessionRegistry
-from wingate_map.workers import ResetOnDeathFactory, WorkerLink, WorkerPool, _Child, _PrimaryWatch
+from wingate_map.service._workers import ResetOnDeathFactory, WorkerLink, WorkerPool, _Child, _PrimaryWatch
 
 from .helpers import free_port
 from .test_operations import TOKEN, EchoServer, api, connect, start

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .bindings import plan_listeners
+from .network import plan_listeners
 from .config import DEFAULT_CONFIG_PATH, Config
 from .errors import ConfigError, WingateMapError
 from .version import version
@@ -108,14 +108,14 @@ def describe(config: Config) -> list[str]:
 
 
 def _ports_text(ports: tuple[int, ...]) -> str:
-    from .interception import _port_set
+    from .network import port_set as _port_set
 
     return _port_set(ports).strip("{} ")
 
 
 def _intercept_rules(args: argparse.Namespace) -> int:
-    from .bindings import plan_listeners
-    from .interception import redirects, ruleset
+    from .network import plan_listeners
+    from .network import redirects, ruleset
     from .tap import build_config
 
     try:
@@ -339,9 +339,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .identity import AssumedIdentitySource, IdentityResolver
-    from .locations import client_address
-    from .rules import ClientInfo, MappingRuleService
+    from .policy import AssumedIdentitySource, IdentityResolver
+    from .config import client_address
+    from .values import ClientInfo
+    from .policy import MappingRuleService
     from .tap import build_config
 
     try:
@@ -360,7 +361,7 @@ def _explain(args: argparse.Namespace) -> int:
     if address is None:
         print(f"{args.client_ip!r} is not an IP address", file=sys.stderr)
         return EXIT_INVALID
-    from .schedule import load_timezone, parse_moment
+    from .config import load_timezone, parse_moment
 
     tz = load_timezone(config.service.timezone)
     at = None

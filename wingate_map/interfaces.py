@@ -24,9 +24,9 @@ class IIdentitySource(Interface):
 
     def identify(client):
         """
-        Who C{client} (a L{wingate_map.rules.ClientInfo}) is.
+        Who C{client} (a L{wingate_map.values.ClientInfo}) is.
 
-        @return: a L{wingate_map.identity.Identity}, or L{None} if this source does not know.
+        @return: a L{wingate_map.values.Identity}, or L{None} if this source does not know.
         """
 
 
@@ -37,9 +37,9 @@ class IRuleService(Interface):
 
     def decide(client):
         """
-        Decide for C{client} (a L{wingate_map.rules.ClientInfo}).
+        Decide for C{client} (a L{wingate_map.values.ClientInfo}).
 
-        @return: a L{wingate_map.rules.Decision}, or a L{Deferred} firing with one.
+        @return: a L{wingate_map.values.Decision}, or a L{Deferred} firing with one.
         """
 
 

@@ -15,23 +15,6 @@ from typing import Any, Callable
 from attrs import define, field
 from twisted.internet.defer import Deferred
 
-REASONS = (
-    "client-closed",
-    "destination-closed",
-    "rejected",
-    "no-destination",
-    "connect-failed",
-    "connect-timeout",
-    "tls-failed",
-    "idle-timeout",
-    "limit",
-    "blocked",
-    "killed",
-    "shutdown",
-    "lost",
-)
-
-
 _last_second: list[Any] = [None, ""]
 
 

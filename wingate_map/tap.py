@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from .bindings import plan_listeners
+from .network import plan_listeners
 from .config import DEFAULT_CONFIG_PATH, Config, load_config, parse_map_option, with_mappings
 from .errors import WingateMapError
 from .service import WingateMapService
@@ -114,7 +114,7 @@ class ProgramService(WingateMapService):
         Join C{parent}; when it is twistd's application, log through L{ServiceLogObserver}.
         """
         if self.twistd_options is not None:
-            from .logs import install
+            from .events import install
 
             install(parent, self, self.twistd_options)
         super().setServiceParent(parent)

@@ -23,10 +23,11 @@ from zope.interface import implementer
 
 from .config import Destination, Mapping
 from .events import EventHub
-from .identity import IdentityResolver
+from .policy import IdentityResolver
 from .interfaces import IDestinationEndpointFactory, IEventSink, IRuleService
 from .relay import MappingRuntime, RelayFactory, RelayProtocol
-from .rules import ClientInfo, Decision, MappingRuleService
+from .values import ClientInfo, Decision
+from .policy import MappingRuleService
 from .sessions import SessionRegistry
 
 

@@ -6,8 +6,9 @@ health checks, cluster store; signal handlers and systemd notification only when
 is the whole program).
 
 Private modules: C{_root} (the root), C{_listeners} (the listening ports), C{_parts} (the
-other children), C{_program} (what only a program does), C{_resource} (the shape of a child
-that holds something open).
+other children), C{_program} (what only a program does: C{_signals}, C{_notify} for systemd),
+C{_workers} (the worker processes), C{_resource} (the shape of a child that holds something
+open).
 """
 
 from ._root import WingateMapService

@@ -22,9 +22,9 @@ from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..bindings import Listener
+from ..network import Listener
 from ..errors import BindError
-from ..workers import ResetOnDeathFactory
+from ._workers import ResetOnDeathFactory
 from ._resource import Resource
 
 _log = Logger(namespace="wingate_map.service")

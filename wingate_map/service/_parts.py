@@ -18,9 +18,9 @@ from zope.interface import implementer
 
 from ..errors import WingateMapError
 from ..events import AuditLogSink
-from ..interception import TABLE, InterceptionError, install, remove
+from ..network import TABLE, InterceptionError, install, remove
 from ..interfaces import IEventSink
-from ..workers import WorkerPool, hand_over
+from ._workers import WorkerPool, hand_over
 from ._resource import Resource
 
 _log = Logger(namespace="wingate_map.service")

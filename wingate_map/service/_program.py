@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from twisted.application.service import Service
 
-from ..notify import Notifier
-from ..signals import SignalHandlers
+from ._notify import Notifier
+from ._signals import SignalHandlers
 
 
 class ProgramSignals(Service):

@@ -25,24 +25,24 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..bindings import Adapter, Listener, plan_listeners
-from ..interception import InterceptionError, redirects, ruleset
+from ..network import Adapter, Listener, plan_listeners
+from ..network import InterceptionError, redirects, ruleset
 from ..config import Config
-from ..destinations import StandardEndpointFactory
+from ..relay import StandardEndpointFactory
 from ..errors import BindError, WingateMapError
 from ..events import EventHub, LogSink
-from ..identity import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
+from ..policy import AssumedIdentitySource, CertificateIdentitySource, IdentityResolver
 from ..interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
-from ..ratelimit import RateLimits
-from ..health import DestinationList, HealthChecker, build_lists
+from ..relay import RateLimits
+from ..relay import DestinationList, HealthChecker, build_lists
 from ..relay import MappingRuntime, RelayFactory
-from ..rules import MappingRuleService
+from ..policy import MappingRuleService
 from ..sessions import SessionRegistry
-from ..credentials import CredentialStore
-from ..handlers import build_handlers
-from ..metrics import Metrics
-from ..notify import Notifier
-from ..workers import (
+from ..policy import CredentialStore
+from ..events import build_handlers
+from ..events import Metrics
+from ._notify import Notifier
+from ._workers import (
     WorkerPool,
     hand_over,
     reset_on_death_reactor,
@@ -72,7 +72,7 @@ def _rule_timezone(config: Config) -> Any:
     """
     The zone the rules' C{when} schedules are read in: C{[service] timezone}, or the system's.
     """
-    from ..schedule import load_timezone
+    from ..config import load_timezone
 
     return load_timezone(config.service.timezone)
 
@@ -451,7 +451,7 @@ class WingateMapService(MultiService):
         settings = self.config.cluster
         if settings is None:
             return
-        from ..activity import session_json
+        from ..admin import session_json
         from ..cluster import ClusterLimits, RedisClusterStore, parse_redis_url
 
         if self.cluster is None:
@@ -518,7 +518,7 @@ class WingateMapService(MultiService):
         logged.  A reload that would leave the open admin listener without a token on an
         address that is not loopback is refused: the problem, or L{None}.
         """
-        from ..admin import _is_loopback
+        from ..admin import is_loopback as _is_loopback
 
         old_listen = self.config.admin.listen if self.config.admin is not None else None
         new_listen = new.admin.listen if new.admin is not None else None

@@ -1,0 +1,643 @@
+"""
+The data plane: what moves a session's bytes once both of its legs are ready.
+
+Two implementations of one interface (L{IPump}):
+
+  - L{SocketPump}, for plain TCP legs: it takes both sockets over from Twisted's transports and
+    forwards with its own reactor descriptors.  A read is sent on at once with one C{send};
+    only when the peer's socket buffer is full is the rest kept (at most one read) and the peer
+    registered for writability, and the source stops reading until the peer has drained, so a
+    session never holds more than one read per direction.  A FIN is passed on with
+    C{shutdown(SHUT_WR)} once what came before it is sent; a reset (a read or send error, or an
+    end of input while the socket has an error pending) resets the other leg too
+    (C{SO_LINGER {1, 0}} then close), so a truncated stream never looks complete.  Twisted's
+    per-write buffering (a write queued, sent a reactor turn later after two C{epoll_ctl}
+    calls) is what this saves.
+  - L{TransportPump}, for legs with TLS (or anything that is not a plain socket): Twisted's
+    transports, each the other's streaming producer; the relay still hears their endings.
+
+Rate limits (L{wingate_map.relay._ratelimit.Limiter}, one per direction) plug into both: the source
+reads only as many bytes as the limit allows now and otherwise stops reading until it allows
+more, so bytes wait in the kernel, not here.
+
+Taking a transport over (L{take_over}): it is paused and unregistered from the reactor, its
+socket is used directly, and whatever it still had buffered is sent first.  Its protocol then
+never hears C{connectionLost}: the session's bookkeeping is driven by the pump's calls to its
+owner (L{IPumpOwner}).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Any
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IPushProducer,
+    IReactorFDSet,
+    IReactorTime,
+    ITCPTransport,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from zope.interface import Attribute, Interface, implementer
+
+from ._ratelimit import Limiter, Throttle
+from ._tcp_internals import unsent as _unsent
+from ._tcp_internals import write_closed
+
+#: The most bytes read at once (and so held per direction when the peer is slow).
+READ_SIZE = 256 * 1024
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+CLIENT = "client"
+DESTINATION = "destination"
+
+
+class IPump(Interface):
+    """
+    Moves a wired session's bytes both ways and keeps its byte counts.
+    """
+
+    last_activity = Attribute("When a byte last moved (the clock's seconds), for the idle timeout.")
+
+    def start(early: bytes, client_eof: bool) -> None:
+        """
+        Begin relaying: C{early} client bytes go to the destination first; C{client_eof}: the
+        client already finished sending (its FIN is passed on).
+        """
+
+    def held() -> int:
+        """
+        How many bytes the relay holds now (read but not yet sent on).
+        """
+
+    def abort() -> None:
+        """
+        End the session now: both legs reset, nothing buffered is sent.
+        """
+
+
+class IPumpOwner(Interface):
+    """
+    What a L{SocketPump} tells the session about (it owns the sockets, so nobody else can).
+    """
+
+    def pump_eof(side: str) -> None:
+        """
+        C{side} (L{CLIENT} or L{DESTINATION}) finished sending (a FIN); passed on already.
+        """
+
+    def pump_ended(reset_by: str | None) -> None:
+        """
+        Both sockets are closed: the session is over.  C{reset_by}: the side whose reset ended
+        it (L{CLIENT} or L{DESTINATION}), or None for an orderly end or an L{IPump.abort}.
+        """
+
+
+def _is_again(error: OSError) -> bool:
+    return isinstance(error, (BlockingIOError, InterruptedError)) or error.errno in _AGAIN
+
+
+def _tcp_transport(transport: Any) -> FileDescriptor | None:
+    """
+    The TCP connection under C{transport} (itself, or under protocol wrappers such as a
+    worker's reset-on-death layer), or None.
+    """
+    for _ in range(4):
+        if isinstance(transport, FileDescriptor) and ITCPTransport.providedBy(transport):
+            return transport
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            return None  # TLS: its bytes are not the socket's
+        transport = transport.__dict__.get("transport") if hasattr(transport, "__dict__") else None
+        if transport is None:
+            return None
+    return None
+
+
+def take_over(reactor: Any, client: Any, destination: Any) -> tuple[socket.socket, socket.socket, bytes, bytes] | None:
+    """
+    Take both legs' sockets from their Twisted transports, if both are plain TCP connections on
+    a reactor with file descriptors: (client socket, destination socket, bytes still to send to
+    the client, bytes still to send to the destination), or None (then nothing was touched).
+    """
+    if not IReactorFDSet.providedBy(reactor):
+        return None
+    legs = [_tcp_transport(client), _tcp_transport(destination)]
+    taken = []
+    for leg in legs:
+        if leg is None or not leg.connected or leg.disconnecting or leg.disconnected or write_closed(leg):
+            return None
+        if not isinstance(getattr(leg, "socket", None), socket.socket) or leg.producer is not None:
+            return None
+        unsent = _unsent(leg)
+        if unsent is None:
+            return None
+        taken.append((leg, unsent))
+    for leg, _ in taken:
+        leg.stopReading()
+        leg.stopWriting()
+    (c, c_unsent), (d, d_unsent) = taken
+    return c.socket, d.socket, c_unsent, d_unsent
+
+
+@implementer(IReadDescriptor, IWriteDescriptor, IHalfCloseableDescriptor)
+class _Leg:
+    """
+    One socket of a L{SocketPump}: reads it (forwarding to the other leg) and writes what the
+    other leg read that did not fit.  The reactor keeps one object per file descriptor, so the
+    same object does both.
+    """
+
+    __slots__ = ("pump", "side", "sock", "fd", "peer", "out", "reading", "writing", "read_done", "shut", "shut_pending", "limiter", "wake", "__weakref__")
+
+    def __init__(self, pump: "SocketPump", side: str, sock: socket.socket, limiter: Limiter | None) -> None:
+        self.pump = pump
+        self.side = side
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+        self.peer: _Leg = self
+        self.out: Any = b""  # bytes (or a memoryview) still to send to this socket
+        self.reading = False
+        self.writing = False
+        self.read_done = False  # end of input seen
+        self.shut = False  # our FIN sent (shutdown(SHUT_WR))
+        self.shut_pending = False  # send it once self.out is out
+        self.limiter = limiter  # the rate limit on what this leg reads
+        self.wake: Any = None  # the call that resumes reading once the limit allows it
+
+    # -- the reactor's side ---------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """
+        The socket's file descriptor, -1 once it is closed.
+        """
+        return self.fd
+
+    def logPrefix(self) -> str:
+        """
+        How the reactor names this descriptor in its log.
+        """
+        return f"wingatemap-pump-{self.side}"
+
+    def doRead(self) -> None:
+        """
+        The socket is readable: read one chunk (as much as the rate limit allows) and send it on.
+        """
+        sock = self.sock
+        if sock is None or not self.reading:
+            return  # closed or paused: an event left over from before
+        size = READ_SIZE
+        limiter = self.limiter
+        if limiter is not None:
+            size = min(size, limiter.available())
+            if size <= 0:
+                self.pump._wait_for_tokens(self)
+                return
+        try:
+            data = sock.recv(size)
+        except OSError as e:
+            if not _is_again(e):
+                self.pump._reset(self)
+            return
+        if not data:
+            self.pump._eof(self)
+            return
+        n = len(data)
+        pump = self.pump
+        if limiter is not None:
+            limiter.take(n)
+        if pump.track_idle:
+            pump.last_activity = pump.clock.seconds()
+        if self.side is CLIENT:
+            pump.session.bytes_from_client += n
+        else:
+            pump.session.bytes_to_client += n
+        peer = self.peer
+        try:
+            sent = peer.sock.send(data)  # type: ignore[union-attr]
+        except OSError as e:
+            if not _is_again(e):
+                pump._reset(peer)
+                return
+            sent = 0
+        if sent < n:
+            # The peer is slow: keep the rest, stop reading until it is out.
+            peer.out = memoryview(data)[sent:]
+            pump._set_writing(peer, True)
+            pump._set_reading(self, False)
+
+    def doWrite(self) -> None:
+        """
+        The socket can take more: send what is kept for it; once it is all out, pass on a
+        pending FIN and let the other leg read again.
+        """
+        if self.writing:
+            self.pump._flush(self)
+
+    def readConnectionLost(self, reason: Any) -> None:
+        """
+        The reactor saw the end of input (a hang-up with nothing left to read).
+        """
+        self.reading = False
+        if self.sock is not None:
+            self.pump._eof(self)
+
+    def writeConnectionLost(self, reason: Any) -> None:
+        """
+        Never called for a socket (the reactor reports hang-ups as lost connections).
+        """
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        The reactor gave up on this descriptor (an error or hang-up while only writing): it is
+        unregistered already; a reset ends the session.
+        """
+        self.reading = self.writing = False
+        if self.sock is None:
+            return
+        self.pump._reset(self)
+
+
+@implementer(IPump)
+class SocketPump:
+    """
+    Relays between two plain TCP sockets with the reactor's file-descriptor API (see the
+    module's docstring).
+
+    @ivar session: the L{wingate_map.sessions.Session} whose byte counts it keeps.
+    """
+
+    __slots__ = ("reactor", "clock", "session", "owner", "track_idle", "last_activity", "ended", "_reset_by", "client", "destination")
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: socket.socket,
+        destination: socket.socket,
+        session: Any,
+        owner: IPumpOwner,
+        client_unsent: bytes = b"",
+        destination_unsent: bytes = b"",
+        limits: tuple[Limiter | None, Limiter | None] = (None, None),
+        track_idle: bool = False,
+    ) -> None:
+        """
+        @param limits: the rate limits on what the client sends and on what the destination
+            sends (None: unlimited).
+        @param track_idle: keep L{last_activity} (one clock read per chunk).
+        """
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.session = session
+        self.owner = owner
+        self.track_idle = track_idle
+        self.last_activity = reactor.seconds()
+        self.ended = False
+        self._reset_by: str | None = None
+        c = _Leg(self, CLIENT, client, limits[0])
+        d = _Leg(self, DESTINATION, destination, limits[1])
+        c.peer, d.peer = d, c
+        c.out, d.out = client_unsent, destination_unsent
+        self.client, self.destination = c, d
+
+    # -- IPump --------------------------------------------------------------------------------
+
+    def start(self, early: bytes = b"", client_eof: bool = False) -> None:
+        """
+        Send what is pending to each leg, then read both (see L{IPump.start}).
+        """
+        c, d = self.client, self.destination
+        if early:
+            self.session.bytes_from_client += len(early)
+            d.out = bytes(d.out) + early if d.out else early
+        if client_eof:
+            c.read_done = True
+            d.shut_pending = True
+        for leg in (c, d):
+            if leg.out or leg.shut_pending:
+                self._flush(leg)  # sends now, or registers for writability
+                if self.ended:
+                    return
+        self._update_reading(c)
+        self._update_reading(d)
+
+    def held(self) -> int:
+        """
+        Bytes read but not yet sent on (at most one read per direction).
+        """
+        return len(self.client.out) + len(self.destination.out)
+
+    def abort(self) -> None:
+        """
+        Reset both legs now and end (see L{IPump.abort}).
+        """
+        if not self.ended:
+            self._close(self.client, reset=True)
+            self._close(self.destination, reset=True)
+            self._finish()
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def _set_reading(self, leg: _Leg, on: bool) -> None:
+        if on != leg.reading:
+            leg.reading = on
+            if on:
+                self.reactor.addReader(leg)
+            else:
+                self.reactor.removeReader(leg)
+
+    def _set_writing(self, leg: _Leg, on: bool) -> None:
+        if on != leg.writing:
+            leg.writing = on
+            if on:
+                self.reactor.addWriter(leg)
+            else:
+                self.reactor.removeWriter(leg)
+
+    def _update_reading(self, leg: _Leg) -> None:
+        """
+        Read C{leg} unless its input is done, its peer still holds bytes, or the rate limit
+        has it waiting.
+        """
+        self._set_reading(leg, not leg.read_done and not leg.peer.out and leg.wake is None and leg.sock is not None)
+
+    def _wait_for_tokens(self, leg: _Leg) -> None:
+        """
+        The rate limit allows nothing now: stop reading C{leg} until it allows a chunk.
+        """
+        assert leg.limiter is not None
+        self._set_reading(leg, False)
+        delay = leg.limiter.delay_for(min(READ_SIZE, int(leg.limiter.burst)))
+        leg.wake = self.clock.callLater(max(delay, 0.001), self._tokens_ready, leg)
+
+    def _tokens_ready(self, leg: _Leg) -> None:
+        leg.wake = None
+        if not self.ended:
+            self._update_reading(leg)
+
+    def _flush(self, leg: _Leg) -> None:
+        """
+        Send what is kept for C{leg}; once it is all out, pass on a pending FIN and let the
+        other leg read again.
+        """
+        sock = leg.sock
+        if sock is None:
+            return
+        out = leg.out
+        if out:
+            try:
+                sent = sock.send(out)
+            except OSError as e:
+                if not _is_again(e):
+                    self._reset(leg)
+                return
+            if sent < len(out):
+                leg.out = out[sent:]
+                self._set_writing(leg, True)
+                return
+            leg.out = b""
+        self._set_writing(leg, False)
+        if leg.shut_pending:
+            self._shut(leg)
+        elif leg.peer.sock is not None:
+            self._update_reading(leg.peer)
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _eof(self, leg: _Leg) -> None:
+        """
+        C{leg} sent its FIN, or was reset (an end of input with an error pending on the socket).
+        """
+        sock = leg.sock
+        assert sock is not None
+        try:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = errno.EBADF
+        if error:
+            self._reset(leg)
+            return
+        leg.read_done = True
+        self._set_reading(leg, False)
+        if leg.wake is not None:
+            leg.wake.cancel()
+            leg.wake = None
+        self.owner.pump_eof(leg.side)
+        if self.ended:
+            return
+        peer = leg.peer
+        if peer.out:
+            peer.shut_pending = True
+        else:
+            self._shut(peer)
+
+    def _shut(self, leg: _Leg) -> None:
+        """
+        Send C{leg} our FIN (all its bytes are out); end once both directions are done.
+        """
+        leg.shut_pending = False
+        try:
+            leg.sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+        except OSError:
+            self._reset(leg)
+            return
+        leg.shut = True
+        if leg.shut and leg.read_done and leg.peer.shut and leg.peer.read_done:
+            self._close(self.client, reset=False)
+            self._close(self.destination, reset=False)
+            self._finish()
+
+    def _reset(self, leg: _Leg) -> None:
+        """
+        C{leg} was reset (or failed): reset the other one too and end.
+        """
+        if self.ended:
+            return
+        self._reset_by = leg.side
+        self._close(leg.peer, reset=True)
+        self._close(leg, reset=True)
+        self._finish()
+
+    def _close(self, leg: _Leg, reset: bool) -> None:
+        """
+        Unregister C{leg}, then close its socket: with a reset (C{SO_LINGER {1, 0}}), or in
+        order (linger cleared, as a worker sets it to reset if it dies).
+        """
+        sock = leg.sock
+        if sock is None:
+            return
+        self._set_reading(leg, False)
+        self._set_writing(leg, False)
+        if leg.wake is not None:
+            if leg.wake.active():
+                leg.wake.cancel()
+            leg.wake = None
+        leg.sock = None
+        leg.fd = -1
+        leg.out = b""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if reset else _LINGER_OFF)
+        except OSError:
+            pass
+        sock.close()
+
+    def _finish(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.owner.pump_ended(self._reset_by)
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """
+    A transport as a streaming producer paused for two reasons: its consumer is full, or the
+    rate limit.  It reads again only when neither holds.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.full = False
+        self.limited = False
+
+    def _apply(self, was_paused: bool) -> None:
+        paused = self.full or self.limited
+        if paused and not was_paused:
+            self.transport.pauseProducing()
+        elif was_paused and not paused:
+            self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """
+        The consumer is full.
+        """
+        was, self.full = self.full or self.limited, True
+        self._apply(was)
+
+    def resumeProducing(self) -> None:
+        """
+        The consumer drained.
+        """
+        was, self.full = self.full or self.limited, False
+        self._apply(was)
+
+    def limit(self, on: bool) -> None:
+        """
+        The rate limit holds (C{on}) or allows more.
+        """
+        was, self.limited = self.full or self.limited, on
+        self._apply(was)
+
+    def stopProducing(self) -> None:
+        """
+        The consumer is gone: so is the transport.
+        """
+        self.transport.stopProducing()
+
+
+@implementer(IPump)
+class TransportPump:
+    """
+    Relays between two Twisted transports (TLS legs, test transports): each is the other's
+    streaming producer, so a slow reader pauses the fast writer.  The relay feeds it what each
+    leg receives (L{from_client}, L{from_destination}) and handles the legs' endings itself.
+    With a rate limit, a direction goes through a L{Throttle}, which holds at most one read.
+    """
+
+    def __init__(self, clock: IReactorTime, client: Any, destination: Any, session: Any, limits: tuple[Limiter | None, Limiter | None] = (None, None), track_idle: bool = False) -> None:
+        self.clock = clock
+        self.client = client
+        self.destination = destination
+        self.session = session
+        self.track_idle = track_idle
+        self.last_activity = clock.seconds()
+        up, down = limits
+        self._client_producer: Any = client
+        self._destination_producer: Any = destination
+        self._throttles: dict[str, Throttle] = {}
+        self._up: Any = destination.write
+        self._down: Any = client.write
+        if up is not None:
+            gate = self._client_producer = _Gate(client)
+            self._up = self._throttle(CLIENT, up, destination.write, gate)
+        if down is not None:
+            gate = self._destination_producer = _Gate(destination)
+            self._down = self._throttle(DESTINATION, down, client.write, gate)
+
+    def _throttle(self, side: str, limiter: Limiter, write: Any, gate: _Gate) -> Any:
+        throttle = self._throttles[side] = Throttle(limiter, self.clock, write, lambda: gate.limit(True), lambda: gate.limit(False))
+        return throttle.write
+
+    def after_sent(self, side: str, action: Any) -> None:
+        """
+        Call C{action} once everything C{side} sent has been passed on (at once, unless the
+        rate limit still holds some): an end of stream must follow the bytes before it, and a
+        TLS leg can deliver both in one go.
+        """
+        throttle = self._throttles.get(side)
+        if throttle is None:
+            action()
+        else:
+            throttle.when_empty(action)
+
+    def start(self, early: bytes = b"", client_eof: bool = False) -> None:
+        """
+        Register each transport as the other's producer and let the client read (see
+        L{IPump.start}).
+        """
+        if early:
+            self.session.bytes_from_client += len(early)
+            self.destination.write(early)
+        self.client.registerProducer(self._destination_producer, True)
+        if client_eof:
+            self.destination.loseWriteConnection()
+        else:
+            self.destination.registerProducer(self._client_producer, True)
+            self.client.resumeProducing()
+
+    def from_client(self, data: bytes) -> None:
+        """
+        The client sent C{data}: count it and pass it on.
+        """
+        self.session.bytes_from_client += len(data)
+        if self.track_idle:
+            self.last_activity = self.clock.seconds()
+        self._up(data)
+
+    def from_destination(self, data: bytes) -> None:
+        """
+        The destination sent C{data}: count it and pass it on.
+        """
+        self.session.bytes_to_client += len(data)
+        if self.track_idle:
+            self.last_activity = self.clock.seconds()
+        self._down(data)
+
+    def held(self) -> int:
+        """
+        Bytes held by the rate limit (the transports' own buffers are bounded by flow control).
+        """
+        return sum(t.held for t in self._throttles.values())
+
+    def stop(self) -> None:
+        """
+        The session is ending: drop what the rate limit holds and cancel its wake-ups.
+        """
+        for throttle in self._throttles.values():
+            throttle.stop()
+
+    def abort(self) -> None:
+        """
+        Reset both transports (see L{IPump.abort}); the relay hears their endings.
+        """
+        self.stop()
+        for transport in (self.destination, self.client):
+            transport.unregisterProducer()
+            transport.abortConnection()
