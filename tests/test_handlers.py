@@ -193,3 +193,32 @@ def _command_line(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest_twisted.inlineCallbacks
+def test_program_timeout_kills_what_it_started(tmp_path):
+    """
+    A handler that times out is killed with every process it started: a shell's background
+    child does not outlive it.
+    """
+    import psutil
+
+    from .helpers import wait_for
+
+    pidfile = tmp_path / "child.pid"
+    handler = program(tmp_path, f"sleep 30 & echo $! > {pidfile}; wait", timeout=0.5)
+    result = yield handler.client_connect(dict(EVENT))
+    assert result is False
+    child = psutil.Process(int(pidfile.read_text()))
+
+    def dead() -> bool:
+        try:
+            return child.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        yield wait_for(dead, timeout=10)
+    finally:
+        if not dead():
+            child.kill()

@@ -65,12 +65,25 @@ class _Program(ProcessProtocol):
 
     def kill(self) -> None:
         """
-        Kill the program (it has run past its timeout).
+        Kill the program (it has run past its timeout), and every process it started: a
+        shell's children would otherwise outlive it.
         """
+        import psutil
+
+        pid = getattr(self.process, "pid", None)
+        try:
+            descendants = psutil.Process(pid).children(recursive=True) if pid else []
+        except psutil.Error:
+            descendants = []
         try:
             self.process.signalProcess("KILL")
         except Exception:
             pass
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
     def outReceived(self, data: bytes) -> None:
         if len(self.output) < OUTPUT_LIMIT:
