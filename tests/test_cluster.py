@@ -26,7 +26,7 @@ import pytest
 
 from tests.helpers import free_port
 from tests.test_cluster_store import RedisServer
-from tests.test_end_to_end import TWISTD, Proc, wait_port
+from tests.test_end_to_end import ENV, TWISTD, WINGATEMAP, Proc, wait_port
 from wingate_map.cluster import ClusterLimits
 from wingate_map.config import Destination, parse_config
 from wingate_map.service import WingateMapService
@@ -437,6 +437,11 @@ def test_kill_from_any_gateway_and_the_cluster_view(cluster):
 
     [seen] = wait_until(listed, "gw-a's session in the cluster view")
     assert seen["node"] == "gw-a" and seen["client_ip"] == "127.0.0.7"
+    table = subprocess.run(WINGATEMAP + ["sessions", "--cluster", "--config", b.config], capture_output=True, text=True, env=ENV, timeout=60)
+    assert table.returncode == 0, table.stderr
+    [header, row] = table.stdout.splitlines()
+    assert header.split()[:2] == ["session", "node"] and row.split()[:2] == [session["session"], "gw-a"]
+    assert "127.0.0.7" not in subprocess.run(WINGATEMAP + ["sessions", "--config", b.config], capture_output=True, text=True, env=ENV, timeout=60).stdout
     assert b.api("GET", "/sessions")[1] == []
     assert b.api("DELETE", f"/sessions/{session['session']}") == (200, {"killed": session["session"]})
     # Confirmed means ended: the event is already written on gw-a.

@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     rules = commands.add_parser("intercept-rules", help="print the nftables ruleset transparent interception needs")
     sessions = commands.add_parser("sessions", help="list live sessions (through the admin API)")
     sessions.add_argument("--json", action="store_true", help="print the admin API's JSON objects instead of a table")
+    sessions.add_argument("--cluster", action="store_true", help="every gateway's sessions ([cluster]), each with its node")
     sessions.add_argument("--mapping", metavar="NAME", help="only sessions of this mapping")
     sessions.add_argument("--client", metavar="ADDRESS", help="only sessions of this client IP address (or network, e.g. 10.0.1.0/24)")
     sessions.add_argument("--user", metavar="NAME", help="only sessions of this user")
@@ -189,7 +190,7 @@ def _admin_request(config_path: str | None, method: str, path: str) -> tuple[int
 
 def _sessions(args: argparse.Namespace) -> int:
     try:
-        status, body = _admin_request(args.config, "GET", "/sessions")
+        status, body = _admin_request(args.config, "GET", "/sessions?scope=cluster" if args.cluster else "/sessions")
     except (ConfigError, WingateMapError) as e:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
@@ -204,11 +205,17 @@ def _sessions(args: argparse.Namespace) -> int:
         print(str(e), file=sys.stderr)
         return EXIT_INVALID
     columns = ["session", "mapping", "client", "user", "destination", "duration", "from_client", "to_client"]
+    if args.cluster:
+        columns.insert(1, "node")
     rows = []
     for s in body:
         client = f"[{s['client_ip']}]:{s['client_port']}" if ":" in s["client_ip"] else f"{s['client_ip']}:{s['client_port']}"
-        rows.append([s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
-                     f"{s['duration']:.1f}s", str(s["bytes_from_client"]), str(s["bytes_to_client"])])
+        duration = s.get("duration")
+        row = [s["session"], s["mapping"], client, f"{s['user']} ({s['identity']})", s["destination"] or "-",
+               f"{duration:.1f}s" if isinstance(duration, (int, float)) else "-", str(s.get("bytes_from_client", "-")), str(s.get("bytes_to_client", "-"))]
+        if args.cluster:
+            row.insert(1, str(s.get("node") or "-"))
+        rows.append(row)
     _print_listing(body, args.json, columns, rows, "(no live sessions)")
     return 0
 
