@@ -207,20 +207,99 @@ class _DestinationFactory(Factory):
 
 class Phase(Enum):
     """
-    Where a client connection is in its life.  It moves forward only:
-    PENDING -> [PEEKING ->] DECIDING -> ASKING -> CONNECTING -> RELAYING -> ENDED, or to CLOSING from
-    DECIDING, ASKING or CONNECTING (refused, or no destination could be reached), or from
-    PENDING straight to ENDED (dropped: it never became a session).
+    Where a client connection is in its life; L{TRANSITIONS} says where it may go next.
     """
 
-    PENDING = "pending"  # accepted; its PROXY header or TLS handshake is still to come
+    PENDING = "pending"  # accepted, not a session yet: its PROXY header or TLS handshake is to come
     PEEKING = "peeking"  # a session (peek_sni): reading its TLS ClientHello for the server name
     DECIDING = "deciding"  # a session: the rule service and the limits decide
     ASKING = "asking"  # ClientConnect offered: waiting for the sinks' answer
-    CONNECTING = "connecting"  # allowed: connecting the destination (and its TLS handshake)
-    RELAYING = "relaying"  # both legs joined
-    CLOSING = "closing"  # not relayed (refused, connect failed): the client is being closed
-    ENDED = "ended"  # ClientDisconnect sent, or dropped before it became a session
+    CONNECTING = "connecting"  # allowed: connecting a destination (the next one on failure)
+    SECURING = "securing"  # the destination's TCP is up: its TLS handshake and verification
+    RELAYING = "relaying"  # both legs joined, both directions open
+    CLIENT_DONE = "client-done"  # the client sent FIN (passed on); the destination still sends
+    DESTINATION_DONE = "destination-done"  # the destination sent FIN (passed on); the client still sends
+    CLOSING = "closing"  # over (refused, failed, both directions done, reset, ended): legs closing
+    ENDED = "ended"  # ClientDisconnect sent (entering this phase sends it; there is no way out)
+    DROPPED = "dropped"  # closed while PENDING: never a session, so no events
+
+
+# The session's lifecycle: for each phase, the inputs it accepts and the phase each leads to.
+# RelayProtocol._go performs a transition and refuses (logs, stays) any input not listed here.
+# Timers belong to phases (_TIMER_OF), so leaving the phase cancels its timer; leaving PENDING
+# stops counting the connection as pending; entering ENDED sends ClientDisconnect, and ENDED
+# has no way out, so a session sends exactly one.
+_CLOSE = {"killed": Phase.CLOSING, "shutdown": Phase.CLOSING}  # terminate(): kill, reload/stop
+_GONE = {"lost": Phase.CLOSING, "reset": Phase.CLOSING}  # a leg closed (cleanly, or by a reset)
+_IDLE = {"idle": Phase.CLOSING}  # idle_timeout (its timer runs while bytes may flow)
+TRANSITIONS: dict[Phase, dict[str, Phase]] = {
+    Phase.PENDING: {
+        "accepted": Phase.DECIDING,  # plain TCP, no PROXY header: a session at once
+        "header_read": Phase.DECIDING,  # the PROXY header named the client
+        "handshake_done": Phase.DECIDING,  # the client's TLS handshake named it
+        "dropped": Phase.DROPPED,  # bad or late header, handshake timeout, over a limit
+        "lost": Phase.DROPPED,  # closed (or its TLS handshake failed) first
+    },
+    Phase.DECIDING: {
+        "peek": Phase.PEEKING,  # peek_sni: the server name first
+        "decided": Phase.ASKING,  # rule and limits known: ClientConnect offered
+        "refused": Phase.CLOSING,  # the rule service or a limit check failed (refused ClientConnect)
+    },
+    Phase.PEEKING: {"peeked": Phase.DECIDING},  # a verdict, the peek timeout, or the client closed
+    Phase.ASKING: {
+        "allowed": Phase.CONNECTING,
+        "refused": Phase.CLOSING,  # limit, reject rule, no destination, a sink's veto, a failure
+        "lost": Phase.CLOSING,  # the client left while being decided
+        **_CLOSE,  # killed while being decided
+    },
+    Phase.CONNECTING: {
+        "connected": Phase.RELAYING,  # plain destination: legs joined
+        "handshaking": Phase.SECURING,  # TLS destination: TCP is up
+        "failover": Phase.CONNECTING,  # that destination failed: the next one
+        "connect_failed": Phase.CLOSING,  # the last one failed
+        **_GONE,
+        **_CLOSE,
+    },
+    Phase.SECURING: {
+        "secured": Phase.RELAYING,
+        "failover": Phase.CONNECTING,  # its TLS failed: the next destination
+        "connect_failed": Phase.CLOSING,  # the last one's TLS failed
+        **_GONE,
+        **_CLOSE,
+    },
+    Phase.RELAYING: {"client_eof": Phase.CLIENT_DONE, "destination_eof": Phase.DESTINATION_DONE, **_GONE, **_CLOSE, **_IDLE},
+    Phase.CLIENT_DONE: {"destination_eof": Phase.CLOSING, **_GONE, **_CLOSE, **_IDLE},
+    Phase.DESTINATION_DONE: {"client_eof": Phase.CLOSING, **_GONE, **_CLOSE, **_IDLE},
+    Phase.CLOSING: {"both_done": Phase.ENDED},  # both legs closed, no connection attempt left
+    Phase.ENDED: {},
+    Phase.DROPPED: {},
+}
+
+# The timer each phase owns (the same name: kept across the transition, else cancelled).
+_TIMER_OF = {
+    Phase.PENDING: "admission",  # HEADER_TIMEOUT for the PROXY header or TLS handshake
+    Phase.PEEKING: "peek",  # peek_timeout
+    Phase.SECURING: "handshake",  # connect_timeout for the destination's TLS handshake
+    Phase.RELAYING: "idle",  # idle_timeout
+    Phase.CLIENT_DONE: "idle",
+    Phase.DESTINATION_DONE: "idle",
+}
+
+# terminate(reason): the input it is.
+_TERMINATE_INPUT = {"idle-timeout": "idle", "shutdown": "shutdown"}
+
+# The phases in which the legs are joined and bytes flow.
+_JOINED = frozenset((Phase.RELAYING, Phase.CLIENT_DONE, Phase.DESTINATION_DONE))
+
+# The phases a lost leg or terminate() move to CLOSING at once.  Before them (peeking,
+# deciding, asking) the session waits for the answer it asked for, which then ends it.
+_ENDS_AT_ONCE = frozenset(phase for phase, inputs in TRANSITIONS.items() if "reset" in inputs)
+
+
+class IllegalTransition(Exception):
+    """
+    An input the session's current phase does not accept (see L{TRANSITIONS}); logged, not raised.
+    """
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener, IPumpOwner)
@@ -228,7 +307,8 @@ class RelayProtocol(Protocol):
     """
     The client leg of a session, and the session's owner.
 
-    @ivar phase: where the connection is in its life (L{Phase}).
+    @ivar phase: where the connection is in its life (L{Phase}); it changes only through
+        L{_go}, along L{TRANSITIONS}.
     """
 
     # Slots, not an instance dict, for the session's state: a live session costs less memory
@@ -236,11 +316,11 @@ class RelayProtocol(Protocol):
     # An attribute not listed here still works (the base class has a __dict__).
     __slots__ = (
         "runtime", "factory", "connected", "transport", "session", "peer", "_header_reader",
-        "_header_timer", "phase", "_pending", "_decision", "_refusal", "_connecting", "_client_eof",
-        "_dest_eof", "_client_lost", "_dest_lost", "_reason", "_first_close", "_idle_call", "_pump",
-        "_release_limits", "_track_idle", "_early", "_dest_index", "_dest_timer",
+        "_timer", "phase", "_pending", "_decision", "_refusal", "_connecting", "_client_eof",
+        "_dest_eof", "_client_lost", "_dest_lost", "_reason", "_first_close", "_pump",
+        "_release_limits", "_track_idle", "_early", "_dest_index",
         "_dest_handshake_failure", "_limited", "_original", "_connect_started", "_info", "_peek",
-        "_peek_timer", "_list", "_order", "_try", "_attempt",
+        "_list", "_order", "_try", "_attempt",
     )
 
     noisy = False
@@ -254,8 +334,8 @@ class RelayProtocol(Protocol):
         self.session = None
         self.peer = None
         self._header_reader = None
-        self._header_timer = None
-        self.phase = Phase.DECIDING
+        self._timer: Any = None  # the current phase's timer (see _TIMER_OF), if it has one
+        self.phase = Phase.PENDING
         self._pending: tuple[str, str | None] | None = None  # (mapping, peer) counted while PENDING
         self._decision: Decision | None = None
         self._refusal: str | None = None  # limit, rejected or no-destination: decided before handlers
@@ -266,24 +346,68 @@ class RelayProtocol(Protocol):
         self._dest_lost = False
         self._reason: str | None = None  # set by whatever ended the session on purpose
         self._first_close: str | None = None  # which side closed first, when nothing else did
-        self._idle_call: Any = None
         self._pump: Any = None  # the data plane once wired (pump.SocketPump or pump.TransportPump)
         self._release_limits: Any = None  # gives the rate limit's shared buckets back
         self._track_idle = runtime.mapping.idle_timeout > 0
         self._early = b""  # client bytes that arrived before the destination was ready
         self._dest_index = 0
-        self._dest_timer: Any = None
         self._dest_handshake_failure: str | None = None
         self._limited: str | None = None
         self._original: tuple[str, int] | None = None  # the intercepted connection's destination
         self._connect_started = 0.0
         self._info: ClientInfo | None = None  # what the rule service is asked about
         self._peek: ClientHelloReader | None = None  # while PEEKING
-        self._peek_timer: Any = None
         self._list: Any = None  # the decision's health.DestinationList, if the runtime has it
         self._order: list[int] = []  # the destinations' indexes in the order to try them
         self._try = 0  # the position in _order being tried
         self._attempt: Any = None  # balance.Attempt of the destination being tried or relayed to
+
+    # -- the state machine -------------------------------------------------------------------
+
+    def _go(self, input: str) -> bool:
+        """
+        Perform the transition named C{input} from the current phase (L{TRANSITIONS}); an
+        input the phase does not accept is logged as a failure and changes nothing.
+
+        Leaving a phase cancels its timer (unless the next phase owns the same one) and, for
+        PENDING, stops counting the connection as pending; entering ENDED sends ClientDisconnect.
+
+        @return: whether the transition was made.
+        """
+        old = self.phase
+        new = TRANSITIONS[old].get(input)
+        if new is None:
+            _log.failure(
+                "mapping {mapping}: connection in phase {phase} refused input {input}",
+                Failure(IllegalTransition(f"{input} in {old.value}")),
+                mapping=self.runtime.mapping.name,
+                phase=old.value,
+                input=input,
+            )
+            return False
+        self.phase = new
+        timer = self._timer
+        if timer is not None and _TIMER_OF.get(new) != _TIMER_OF.get(old):
+            self._timer = None
+            timer.cancel()  # a timer clears _timer when it fires: this one is still active
+        if self._pending is not None:
+            self.runtime.sessions.remove_pending(*self._pending)
+            self._pending = None
+        if new is Phase.ENDED:
+            self._ended()
+        return True
+
+    def _start_timer(self, delay: float, expired: Any, *args: Any) -> None:
+        """
+        Start the current phase's timer: C{expired(*args)} after C{delay} seconds, unless the
+        phase is left first.
+        """
+
+        def fire() -> None:
+            self._timer = None
+            expired(*args)
+
+        self._timer = self.runtime.clock.callLater(delay, fire)
 
     # -- accept and decide -------------------------------------------------------------------
 
@@ -292,12 +416,11 @@ class RelayProtocol(Protocol):
         mapping = self.runtime.mapping
         if mapping.tls is None and not mapping.proxy_protocol:
             self.transport.pauseProducing()
-            self._begin(_address(self.transport.getPeer()))
+            self._begin("accepted", _address(self.transport.getPeer()))
             return
         # The client's certificate (its identity) is known only after the TLS handshake; a
         # PROXY header's source address is the client.  Nothing is a session (and nothing is
-        # relayed) until then, but the connection counts against the limits meanwhile.
-        self.phase = Phase.PENDING
+        # relayed) until then (PENDING), but the connection counts against the limits meanwhile.
         peer_ip, peer_port = _address(self.transport.getPeer())
         trusted = self.runtime.proxy_from
         proxied = mapping.tls is None
@@ -317,18 +440,7 @@ class RelayProtocol(Protocol):
             why, reason = f"no complete PROXY header within {HEADER_TIMEOUT:g}s", "proxy-timeout"
         else:
             why, reason = f"no TLS handshake within {HEADER_TIMEOUT:g}s", "tls-timeout"
-        self._header_timer = self.runtime.clock.callLater(HEADER_TIMEOUT, self._drop, peer_ip, peer_port, why, reason)
-
-    def _end_pending(self) -> None:
-        """
-        The connection is no longer pending: it became a session, or it is gone.
-        """
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
-        self._header_timer = None
-        if self._pending is not None:
-            self.runtime.sessions.remove_pending(*self._pending)
-            self._pending = None
+        self._start_timer(HEADER_TIMEOUT, self._drop, peer_ip, peer_port, why, reason)
 
     def handshakeCompleted(self) -> None:
         """
@@ -340,15 +452,15 @@ class RelayProtocol(Protocol):
         self.transport.pauseProducing()
         handle = getattr(self.transport, "getHandle", None)
         raw = handle().get_servername() if handle is not None else None
-        self._begin(_address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate), sni=server_name(raw) if raw else None)
+        self._begin("handshake_done", _address(self.transport.getPeer()), tls=True, certificate_cn=subject_common_name(certificate), sni=server_name(raw) if raw else None)
 
     def _drop(self, peer_ip: str, peer_port: int, why: str, reason: str = "proxy-invalid") -> None:
         """
         Close a connection that will not become a session, logged once and counted.
         """
         self._header_reader = None
-        self.phase = Phase.ENDED
-        self._end_pending()
+        if not self._go("dropped"):
+            return
         _log.warn(
             "mapping {mapping}: closed connection from {peer_ip}:{peer_port}: {why}",
             mapping=self.runtime.mapping.name,
@@ -374,15 +486,14 @@ class RelayProtocol(Protocol):
         self._header_reader = None
         self.transport.pauseProducing()
         self._early = rest
-        self._begin(header.source or (peer_ip, peer_port))
+        self._begin("header_read", header.source or (peer_ip, peer_port))
 
-    def _begin(self, client: tuple[str, int], tls: bool = False, certificate_cn: str | None = None, sni: str | None = None) -> None:
+    def _begin(self, input: str, client: tuple[str, int], tls: bool = False, certificate_cn: str | None = None, sni: str | None = None) -> None:
         """
-        The client is known: open the session and ask the rule service (after peeking at its
-        ClientHello with C{peek_sni}).
+        The client is known (C{input} told who it is): open the session and ask the rule
+        service (after peeking at its ClientHello with C{peek_sni}).
         """
-        self._end_pending()
-        self.phase = Phase.DECIDING
+        self._go(input)
         runtime = self.runtime
         client_ip, client_port = client
         local_ip, local_port = _address(self.transport.getHost())
@@ -429,7 +540,7 @@ class RelayProtocol(Protocol):
         Read the client's first bytes until its ClientHello's verdict or C{peek_timeout}; they
         are kept (in C{_early}) and relayed untouched once the destination is connected.
         """
-        self.phase = Phase.PEEKING
+        self._go("peek")
         self._info = info
         self._peek = ClientHelloReader()
         if self._early:  # after a PROXY header
@@ -437,7 +548,7 @@ class RelayProtocol(Protocol):
             if result is not None:
                 self._peeked(result)
                 return
-        self._peek_timer = self.runtime.clock.callLater(self.runtime.mapping.peek_timeout, self._peek_expired)
+        self._start_timer(self.runtime.mapping.peek_timeout, self._peek_expired)
         self.transport.resumeProducing()
 
     def _peek_data(self, data: bytes) -> None:
@@ -448,7 +559,6 @@ class RelayProtocol(Protocol):
             self._peeked(result)
 
     def _peek_expired(self) -> None:
-        self._peek_timer = None
         if self._peek is not None:
             self._peeked(self._peek.finish())
 
@@ -457,9 +567,7 @@ class RelayProtocol(Protocol):
         The peek is over (a verdict, the timeout, or the client closed): decide with the
         server name found, if any.
         """
-        if self._peek_timer is not None and self._peek_timer.active():
-            self._peek_timer.cancel()
-        self._peek_timer = None
+        self._go("peeked")
         self._peek = None
         if not self._client_lost and not self._client_eof:
             self.transport.pauseProducing()
@@ -480,7 +588,6 @@ class RelayProtocol(Protocol):
         """
         Ask the rule service where the client goes.
         """
-        self.phase = Phase.DECIDING
         runtime = self.runtime
         # Synchronous answers are used as they come (no Deferred per connection); a rule
         # service or sink may still answer with a Deferred.
@@ -551,7 +658,7 @@ class RelayProtocol(Protocol):
             else:
                 self._choose(decision)
                 session.destination = str(decision.destinations[self._order[0]])
-        self.phase = Phase.ASKING
+        self._go("decided")
         allowed = self.runtime.events.client_connect(session.connect_event(self.runtime.clock.seconds()), refused=self._refusal is not None)
         if isinstance(allowed, Deferred):
             return allowed.addCallback(self._allowed)
@@ -573,8 +680,11 @@ class RelayProtocol(Protocol):
             self._order = list(range(len(decision.destinations)))
 
     def _allowed(self, allowed: bool) -> None:
-        if self._client_lost or self._reason is not None:
-            self.phase = Phase.CLOSING
+        if self._reason is not None:
+            self._go(_TERMINATE_INPUT.get(self._reason, "killed"))
+            self._maybe_finish()
+        elif self._client_lost:
+            self._go("lost")
             self._maybe_finish()
         elif self._refusal is not None:
             if self._limited is not None:
@@ -587,19 +697,27 @@ class RelayProtocol(Protocol):
 
     def _internal_error(self, failure: Failure) -> None:
         _log.failure("mapping {mapping}: session {session} failed while choosing a destination", failure, mapping=self.runtime.mapping.name, session=self.session.id)
+        if self.phase not in (Phase.DECIDING, Phase.ASKING):
+            # After the decision (a failure while connecting or wiring): end it.
+            self.terminate("no-destination")
+            return
         if self.phase is Phase.DECIDING:
             # Failed before ClientConnect (in the rule service or a limit): no handler has
             # heard of this session, none will.
             self._refusal = "no-destination"
             self.runtime.events.client_connect(self.session.connect_event(self.runtime.clock.seconds()), refused=True)
-        self.phase = Phase.CLOSING
+        self._go("refused")
         if self._client_lost:
             self._maybe_finish()
         else:
             self._refuse("no-destination")
 
-    def _refuse(self, reason: str) -> None:
-        self.phase = Phase.CLOSING
+    def _refuse(self, reason: str, input: str = "refused") -> None:
+        """
+        Not relayed (C{input}: refused, or the last destination failed): close the client.
+        """
+        if self.phase is not Phase.CLOSING:
+            self._go(input)
         self._reason = self._reason or reason
         self.transport.loseConnection()
 
@@ -611,7 +729,7 @@ class RelayProtocol(Protocol):
         C{connect_timeout} and is reported to the destination's health.
         """
         assert self._decision is not None
-        self.phase = Phase.CONNECTING
+        self._go("failover" if position else "allowed")
         index = self._order[position]
         self._try = position
         destination = self._decision.destinations[index]
@@ -663,37 +781,35 @@ class RelayProtocol(Protocol):
             return
         if destination.tls is not None:
             # Nothing is relayed until the destination has proven who it is.
-            self._dest_timer = self.runtime.clock.callLater(self.runtime.mapping.connect_timeout, self._dest_handshake_timeout)
+            self._go("handshaking")
+            self._start_timer(self.runtime.mapping.connect_timeout, self._dest_handshake_timeout)
             return
         if self._attempt is not None:
             self._attempt.succeeded()
-        self._wire()
+        self._wire("connected")
 
     def destination_handshake_done(self) -> None:
         """
         The TLS handshake with the destination (and its verification) succeeded.
         """
-        if self._dest_timer is not None and self._dest_timer.active():
-            self._dest_timer.cancel()
-        self._dest_timer = None
-        if self.peer is not None and not self._dest_lost and self.phase is Phase.CONNECTING:
+        if self.peer is not None and not self._dest_lost and self.phase is Phase.SECURING:
             if self._attempt is not None:
                 self._attempt.succeeded()
-            self._wire()
+            self._wire("secured")
 
     def _dest_handshake_timeout(self) -> None:
-        self._dest_timer = None
         self._dest_handshake_failure = f"no TLS handshake within {self.runtime.mapping.connect_timeout:g}s"
         if self.peer is not None:
             self.peer.transport.abortConnection()
 
-    def _wire(self) -> None:
+    def _wire(self, input: str) -> None:
         """
-        Both legs are ready: join them and let the client's bytes flow.
+        Both legs are ready (C{input}: connected, or secured): join them and let the client's
+        bytes flow.
         """
         protocol = self.peer
         assert protocol is not None
-        self.phase = Phase.RELAYING
+        self._go(input)
         if self.runtime.metrics is not None:
             self.runtime.metrics.observe_connect(self.runtime.mapping.name, self.runtime.clock.seconds() - self._connect_started)
         runtime, session = self.runtime, self.session
@@ -716,11 +832,13 @@ class RelayProtocol(Protocol):
         else:
             self._pump = TransportPump(runtime.clock, self.transport, protocol.transport, session, limits, self._track_idle)
         if self._track_idle:
-            self._idle_call = runtime.clock.callLater(runtime.mapping.idle_timeout, self._idle_check)
+            self._start_timer(runtime.mapping.idle_timeout, self._idle_check)
+        if self._client_eof:
+            self._go("client_eof")  # it came while deciding or connecting: the pump passes it on
         self._pump.start(early, self._client_eof)
 
     def _connect_failed(self, failure: Failure, position: int, timed_out: list[bool]) -> None:
-        if self._client_lost or self.phase is Phase.ENDED or self._reason is not None:
+        if self.phase is not Phase.CONNECTING or self._client_lost or self._reason is not None:
             self._maybe_finish()
             return
         assert self._decision is not None
@@ -741,7 +859,7 @@ class RelayProtocol(Protocol):
         if position + 1 < len(self._order):
             self._connect(position + 1)
         else:
-            self._refuse(reason)
+            self._refuse(reason, "connect_failed")
 
     def _relay_error(self, failure: Failure) -> None:
         _log.failure("mapping {mapping}: session {session}: internal error", failure, mapping=self.runtime.mapping.name, session=self.session.id)
@@ -756,7 +874,7 @@ class RelayProtocol(Protocol):
         if self.phase is Phase.PEEKING:
             self._peek_data(data)
             return
-        if self.phase is not Phase.RELAYING:
+        if self.phase not in _JOINED:
             # Already decrypted (or read with a PROXY header) before the client was paused.
             self._early += data
             if len(self._early) > _EARLY_LIMIT:
@@ -777,8 +895,9 @@ class RelayProtocol(Protocol):
         The client sent FIN: pass it on once what it sent has been written.
         """
         if self.session is None:
-            peer_ip, peer_port = _address(self.transport.getPeer())
-            self._drop(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
+            if self.phase is Phase.PENDING:
+                peer_ip, peer_port = _address(self.transport.getPeer())
+                self._drop(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
             return
         if self._client_eof:
             return
@@ -790,9 +909,11 @@ class RelayProtocol(Protocol):
         self._first_close = self._first_close or "client-closed"
         if self.phase is Phase.PEEKING and self._peek is not None:
             self._peeked(self._peek.finish())  # nothing more will come: decide now
-        if self.phase in (Phase.DECIDING, Phase.ASKING, Phase.CONNECTING) and self._reason is None:
+        if self.phase in (Phase.DECIDING, Phase.ASKING, Phase.CONNECTING, Phase.SECURING) and self._reason is None:
             # Passed on once the destination is ready (see _wire): it may still answer.
             return
+        if self.phase in (Phase.RELAYING, Phase.DESTINATION_DONE):
+            self._go("client_eof")
         peer = self.peer
         if peer is None or self._dest_lost:
             self.transport.loseConnection()
@@ -814,6 +935,8 @@ class RelayProtocol(Protocol):
             return
         self._dest_eof = True
         self._first_close = self._first_close or "destination-closed"
+        if self.phase in (Phase.RELAYING, Phase.CLIENT_DONE):
+            self._go("destination_eof")
         if self._client_lost:
             return
         if self._client_eof:
@@ -868,7 +991,6 @@ class RelayProtocol(Protocol):
             # Closed before it became a session (no complete PROXY header, no TLS handshake):
             # nothing to report as an event; a failed handshake is logged.
             pending = self.phase is Phase.PENDING
-            self._end_pending()
             if pending and self.runtime.mapping.tls is not None:
                 peer_ip, peer_port = _address(self.transport.getPeer())
                 _log.warn(
@@ -884,14 +1006,14 @@ class RelayProtocol(Protocol):
                 # Reset before a complete PROXY header (a FIN goes through readConnectionLost).
                 peer_ip, peer_port = _address(self.transport.getPeer())
                 self._drop(peer_ip, peer_port, "closed before a complete PROXY header", "proxy-closed")
-            self.phase = Phase.ENDED
+            if self.phase is Phase.PENDING:
+                self._go("lost")
             return
         self._first_close = self._first_close or "client-closed"
         if self.phase is Phase.PEEKING and self._peek is not None:
             self._peeked(self._peek.finish())  # decided (and ended) with what was read
             return
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
+        self._leg_gone(reason.check(ConnectionDone) is not None or self._client_eof)
         if self._connecting is not None:
             self._connecting.cancel()
         elif self.peer is not None and not self._dest_lost:
@@ -907,7 +1029,7 @@ class RelayProtocol(Protocol):
         """
         The destination leg is closed.
         """
-        if self.phase is not Phase.RELAYING and self.peer is not None:
+        if self._pump is None and self.peer is not None:
             self._destination_not_ready(reason)
             return
         if reason.check(SSLError) and self._reason is None and not self._dest_eof:
@@ -916,6 +1038,7 @@ class RelayProtocol(Protocol):
             self._log_tls_failure(self.session.destination, describe_tls_failure(self.peer.transport if self.peer else None, reason))
         self._dest_lost = True
         self._first_close = self._first_close or "destination-closed"
+        self._leg_gone(reason.check(ConnectionDone) is not None or self._dest_eof)
         if not self._client_lost:
             self.transport.unregisterProducer()
             if reason.check(ConnectionDone) or self._dest_eof:
@@ -929,9 +1052,6 @@ class RelayProtocol(Protocol):
         The destination closed before it was ready: its TLS handshake or verification failed.
         """
         protocol, self.peer = self.peer, None
-        if self._dest_timer is not None and self._dest_timer.active():
-            self._dest_timer.cancel()
-        self._dest_timer = None
         why = self._dest_handshake_failure or describe_tls_failure(protocol.transport if protocol else None, reason)
         self._dest_handshake_failure = None
         if self._client_lost or self._reason is not None:
@@ -944,7 +1064,7 @@ class RelayProtocol(Protocol):
         if self._try + 1 < len(self._order):
             self._connect(self._try + 1)
         else:
-            self._refuse("tls-failed")
+            self._refuse("tls-failed", "connect_failed")
 
     def _log_tls_failure(self, destination: str | None, why: str) -> None:
         _log.warn(
@@ -963,6 +1083,9 @@ class RelayProtocol(Protocol):
         if self.phase is Phase.ENDED:
             return
         self._reason = self._reason or reason
+        if self.phase in _ENDS_AT_ONCE:
+            # Otherwise (peeking, deciding, asking) the answer awaited ends it (see _allowed).
+            self._go(_TERMINATE_INPUT.get(reason, "killed"))
         if self._connecting is not None:
             self._connecting.cancel()
         if isinstance(self._pump, SocketPump):
@@ -984,9 +1107,11 @@ class RelayProtocol(Protocol):
         if side == CLIENT:
             self._client_eof = True
             self._first_close = self._first_close or "client-closed"
+            self._go("client_eof")
         else:
             self._dest_eof = True
             self._first_close = self._first_close or "destination-closed"
+            self._go("destination_eof")
 
     def pump_ended(self, reset_by: str | None) -> None:
         """
@@ -994,9 +1119,7 @@ class RelayProtocol(Protocol):
         """
         if reset_by is not None:
             self._first_close = self._first_close or f"{reset_by}-closed"
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._leg_gone(reset_by is None)
         self._client_lost = self._dest_lost = True
         self._maybe_finish()
 
@@ -1004,18 +1127,34 @@ class RelayProtocol(Protocol):
         timeout = self.runtime.mapping.idle_timeout
         idle = self.runtime.clock.seconds() - self._pump.last_activity
         if idle >= timeout:
-            self._idle_call = None
             _log.info("mapping {mapping}: session {session} idle for {idle:.0f}s; closing", mapping=self.runtime.mapping.name, session=self.session.id, idle=idle)
             self.terminate("idle-timeout")
         else:
-            self._idle_call = self.runtime.clock.callLater(timeout - idle, self._idle_check)
+            self._start_timer(timeout - idle, self._idle_check)
+
+    def _leg_gone(self, clean: bool) -> None:
+        """
+        A leg closed (C{clean}: in order, else by a reset): the session is closing, unless it
+        already is or is still being decided (then the answer ends it, see L{_allowed}).
+        """
+        if self.phase in _ENDS_AT_ONCE:
+            self._go("lost" if clean else "reset")
 
     def _maybe_finish(self) -> None:
-        if self.phase in (Phase.ENDED, Phase.PEEKING, Phase.DECIDING, Phase.ASKING) or not self._client_lost:
+        """
+        Closing, and both legs are closed with no connection attempt left: the session ends.
+        """
+        if self.phase is not Phase.CLOSING or not self._client_lost:
             return
         if self._connecting is not None or (self.peer is not None and not self._dest_lost):
             return
-        self.phase = Phase.ENDED
+        self._go("both_done")
+
+    def _ended(self) -> None:
+        """
+        Entering ENDED (once: it has no way out): give back what the session held and send its
+        ClientDisconnect, the only place that does.
+        """
         if self._attempt is not None:
             self._attempt.closed()
         if isinstance(self._pump, TransportPump):
