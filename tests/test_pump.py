@@ -26,7 +26,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from zope.interface.verify import verifyObject
 
-from wingate_map.relay._pump import CLIENT, DESTINATION, READ_SIZE, IPump, SocketPump, TransportPump
+from wingate_map.relay import _pump as pump_module
+from wingate_map.relay._pump import CLIENT, DESTINATION, PIPES, READ_SIZE, IPump, SocketPump, TransportPump
 from wingate_map.relay._ratelimit import Limiter, TokenBucket
 from wingate_map.sessions import Session
 from wingate_map.testing import FakeTransport
@@ -471,3 +472,92 @@ def test_idle_timeout_counts_the_pumps_traffic():
     finally:
         yield service.stopService()
         yield server_port.stopListening()
+
+
+def _pump_bulk(pump, reactor, client, destination, payload: bytes) -> tuple[bytes, int]:
+    """
+    Send C{payload} from the client while the destination reads slowly: (what arrived, the
+    most bytes a pipe held for the destination at once).
+    """
+    sent, received, most_piped = 0, b"", 0
+    for _ in range(200_000):
+        for _ in range(16):  # fill the kernel's buffers, so reads fill the pump's
+            if sent == len(payload):
+                break
+            try:
+                sent += client.send(payload[sent : sent + 65536])
+            except BlockingIOError:
+                break
+        run(reactor, 1)
+        try:
+            received += destination.recv(32768)  # a slow reader: the pump's moves fall short
+        except BlockingIOError:
+            pass
+        assert pump.held() <= READ_SIZE
+        most_piped = max(most_piped, pump.destination.piped)
+        if len(received) == len(payload):
+            break
+    return received, most_piped
+
+
+def test_bulk_is_spliced_through_pooled_pipes():
+    """
+    Once a read fills the buffer, a direction's bytes move through a pipe in the kernel (bytes
+    intact and counted); a pipe is held only while a slow peer has not taken its bytes, and
+    given back to the pool after.
+    """
+    pump, reactor, owner, client, destination = make_pump()
+    open_before = PIPES.open
+    pump.start()
+    # Small buffers towards the destination, so the pump's moves there fall short.
+    pump.destination.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    destination.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    payload = os.urandom(8 * READ_SIZE)
+    received, most_piped = _pump_bulk(pump, reactor, client, destination, payload)
+    assert received == payload and pump.session.bytes_from_client == len(payload)
+    assert pump.client.splicing and most_piped > 0
+    assert pump.destination.pipe is None and PIPES.open - open_before <= len(PIPES.free)
+    client.shutdown(socket.SHUT_WR)
+    run(reactor)
+    assert at_end(destination) and owner.eofs == [CLIENT]
+
+
+def test_a_reset_never_returns_a_pipe_with_bytes():
+    """
+    A session reset while a pipe holds bytes for its slow peer closes that pipe: it never goes
+    back to the pool with another session's bytes.
+    """
+    pump, reactor, owner, client, destination = make_pump()
+    pump.start()
+    pump.client.splicing = True
+    for _ in range(1000):
+        try:
+            client.send(b"s" * 65536)
+        except BlockingIOError:
+            break
+        if pump.client in reactor.readers:
+            pump.client.doRead()
+        if pump.destination.pipe is not None:
+            break
+    pipe = pump.destination.pipe
+    assert pipe is not None and pump.destination.piped > 0, "the destination took everything"
+    before = PIPES.open
+    pump.abort()
+    assert PIPES.open == before - 1 and pipe not in PIPES.free
+    with pytest.raises(OSError):
+        os.fstat(pipe[0])
+
+
+def test_without_a_free_pipe_reads_go_through_user_space(monkeypatch):
+    """
+    With MAX_PIPES pipes open (each is two file descriptors), a spliced direction reads with
+    recv instead: it never waits for a pipe.
+    """
+    monkeypatch.setattr(PIPES, "open", pump_module.MAX_PIPES)
+    monkeypatch.setattr(PIPES, "free", [])
+    pump, reactor, owner, client, destination = make_pump()
+    pump.start()
+    pump.client.splicing = True
+    client.sendall(b"no pipe")
+    pump.client.doRead()
+    assert drain(destination) == b"no pipe"
