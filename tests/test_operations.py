@@ -260,10 +260,14 @@ def test_connection_limits(tmp_path):
         assert a1.recv(2) == b"hi" and a2.recv(2) == b"hi"
         a3 = connect(port, "127.0.0.31")
         assert a3.recv(2) == b""  # third from the same client
+        # A refused connection counts until the gateway has closed its socket: wait for that
+        # (its ClientDisconnect) before the next one, or it would still fill a place.
+        proc.wait_count(r"ClientDisconnect .* reason=limit", 1)
         b1 = connect(port, "127.0.0.32")
         assert b1.recv(2) == b"hi"
         b2 = connect(port, "127.0.0.32")
         assert b2.recv(2) == b""  # fourth overall
+        proc.wait_count(r"ClientDisconnect .* reason=limit", 2)
         a1.close()
         proc.wait_line(r"ClientDisconnect .* client=127\.0\.0\.31:.* reason=client-closed")
         b3 = connect(port, "127.0.0.32")
