@@ -20,6 +20,8 @@ runs: a refused session still has both events, but the configured handlers hear 
 from __future__ import annotations
 
 import socket
+import sys
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
@@ -358,7 +360,7 @@ class RelayProtocol(Protocol):
         self._info: ClientInfo | None = None  # what the rule service is asked about
         self._peek: ClientHelloReader | None = None  # while PEEKING
         self._list: Any = None  # the decision's health.DestinationList, if the runtime has it
-        self._order: list[int] = []  # the destinations' indexes in the order to try them
+        self._order: Sequence[int] = ()  # the destinations' indexes in the order to try them
         self._try = 0  # the position in _order being tried
         self._attempt: Any = None  # balance.Attempt of the destination being tried or relayed to
 
@@ -497,6 +499,7 @@ class RelayProtocol(Protocol):
         runtime = self.runtime
         client_ip, client_port = client
         local_ip, local_port = _address(self.transport.getHost())
+        local_ip = sys.intern(local_ip)  # a listener's address: one string for all its sessions
         original_dst = None
         if self.factory is not None and self.factory.intercepting:
             # On an intercept port: where the client was really going (before our NAT), or
@@ -829,6 +832,12 @@ class RelayProtocol(Protocol):
             self._pump = SocketPump(
                 runtime.clock, client_socket, destination_socket, session, self, client_unsent, destination_unsent, limits, self._track_idle
             )
+            # Let go of the Twisted transports (and the destination's protocol, connector and
+            # factory): they will never be used again, and kept they cost about 1 KB a session.
+            self.transport = self.peer = None
+            # What only the connect path (failover) needed goes too.
+            self._decision = self._list = None
+            self._order = ()
         else:
             self._pump = TransportPump(runtime.clock, self.transport, protocol.transport, session, limits, self._track_idle)
         if self._track_idle:
@@ -1074,6 +1083,15 @@ class RelayProtocol(Protocol):
             destination=destination,
             why=why,
         )
+
+    def transports(self) -> tuple[Any, Any] | None:
+        """
+        The client's and the destination's Twisted transports while they carry the session's
+        bytes, or None once a L{SocketPump} owns both sockets (the relay let them go then).
+        """
+        if self.transport is None or self.peer is None:
+            return None
+        return self.transport, self.peer.transport
 
     def terminate(self, reason: str) -> None:
         """
