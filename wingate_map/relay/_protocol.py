@@ -298,6 +298,14 @@ _JOINED = frozenset((Phase.RELAYING, Phase.CLIENT_DONE, Phase.DESTINATION_DONE))
 _ENDS_AT_ONCE = frozenset(phase for phase, inputs in TRANSITIONS.items() if "reset" in inputs)
 
 
+def _fire_timer(relay: "RelayProtocol", expired: Any, args: tuple[Any, ...]) -> None:
+    """
+    A phase's timer fired (one function for every session: no closure per timer).
+    """
+    relay._timer = None
+    expired(*args)
+
+
 class IllegalTransition(Exception):
     """
     An input the session's current phase does not accept (see L{TRANSITIONS}); logged, not raised.
@@ -404,12 +412,7 @@ class RelayProtocol(Protocol):
         Start the current phase's timer: C{expired(*args)} after C{delay} seconds, unless the
         phase is left first.
         """
-
-        def fire() -> None:
-            self._timer = None
-            expired(*args)
-
-        self._timer = self.runtime.clock.callLater(delay, fire)
+        self._timer = self.runtime.clock.callLater(delay, _fire_timer, self, expired, args)
 
     # -- accept and decide -------------------------------------------------------------------
 
