@@ -42,6 +42,7 @@ from ..config import format_host_port
 from ..network import original_destination
 from ..config import LocationSet, client_address
 from ._pump import CLIENT, DESTINATION, IPumpOwner, SocketPump, TransportPump, take_over
+from ._connect import DirectLeg, connect_direct, direct_route, take_client
 from ._proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
 from ..tls import describe_tls_failure, subject_common_name
 from ..values import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
@@ -755,8 +756,14 @@ class RelayProtocol(Protocol):
                 self._original or (session.local_ip, session.local_port),
             )
         try:
-            endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout, preamble)
-            d = endpoint.connect(_DestinationFactory(self, tls=destination.tls is not None))
+            # The common case (plain TCP to an IP literal, both legs for the pump) is connected
+            # by hand (relay._connect); anything else through the endpoint factory.
+            route = direct_route(runtime.clock, runtime.endpoints, destination, self.transport) if runtime.socket_pump else None
+            if route is not None:
+                d = connect_direct(route, preamble)
+            else:
+                endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout, preamble)
+                d = endpoint.connect(_DestinationFactory(self, tls=destination.tls is not None))
         except Exception:
             d = Deferred()
             d.errback()
@@ -778,12 +785,17 @@ class RelayProtocol(Protocol):
         d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(destination,), errbackArgs=(position, timed_out))
         d.addErrback(self._relay_error)
 
-    def _connected(self, protocol: DestinationProtocol, destination: Destination) -> None:
-        self.peer = protocol
+    def _connected(self, protocol: DestinationProtocol | DirectLeg, destination: Destination) -> None:
+        direct = isinstance(protocol, DirectLeg)  # connected by hand: a socket, no protocol
+        self.peer = None if direct else protocol
         self._dest_lost = self._dest_eof = False
         self.session.destination = str(destination)
         if self._client_lost or self._reason is not None:
-            protocol.transport.abortConnection()
+            if direct:
+                protocol.close()
+                self._maybe_finish()
+            else:
+                protocol.transport.abortConnection()
             return
         if destination.tls is not None:
             # Nothing is relayed until the destination has proven who it is.
@@ -792,7 +804,7 @@ class RelayProtocol(Protocol):
             return
         if self._attempt is not None:
             self._attempt.succeeded()
-        self._wire("connected")
+        self._wire("connected", protocol if direct else None)
 
     def destination_handshake_done(self) -> None:
         """
@@ -808,13 +820,14 @@ class RelayProtocol(Protocol):
         if self.peer is not None:
             self.peer.transport.abortConnection()
 
-    def _wire(self, input: str) -> None:
+    def _wire(self, input: str, direct: DirectLeg | None = None) -> None:
         """
         Both legs are ready (C{input}: connected, or secured): join them and let the client's
-        bytes flow.
+        bytes flow.  C{direct}: the destination was connected by hand (no protocol): its
+        socket goes straight to the pump.
         """
         protocol = self.peer
-        assert protocol is not None
+        assert protocol is not None or direct is not None
         self._go(input)
         if self.runtime.metrics is not None:
             self.runtime.metrics.observe_connect(self.runtime.mapping.name, self.runtime.clock.seconds() - self._connect_started)
@@ -827,7 +840,14 @@ class RelayProtocol(Protocol):
                 runtime.mapping.name, session.client_ip, rate_limit.per_session, rate_limit.per_client, rate_limit.per_mapping
             )
             limits = (up, down)
-        taken = take_over(runtime.clock, self.transport, protocol.transport) if runtime.socket_pump else None
+        if direct is not None:
+            taken = take_client(runtime.clock, self.transport, direct)
+            if taken is None:  # not expected: direct_route checked the client leg
+                direct.close()
+                self.terminate("connect-failed")
+                return
+        else:
+            taken = take_over(runtime.clock, self.transport, protocol.transport) if runtime.socket_pump else None
         if taken is not None:
             # Plain TCP both ways: the pump owns both sockets from now on, and tells us how
             # the session ends (pump_eof, pump_ended); the transports hear nothing more.
