@@ -4,7 +4,7 @@ are connected by hand (non-blocking connect_ex, writability, SO_ERROR) and their
 straight to the socket pump, over real loopback sockets.  Every test here forbids the endpoint
 path (the endpoint factory raises), so each passes only through the hand-made connect: bytes
 relayed exactly both ways, half-close, resets, a refusal (connect-failed, failover to the next
-destination, its health told), a black hole (connect-timeout, socket closed), and a worker's
+destination), a black hole (connect-timeout, socket closed), and a worker's
 reset-on-death linger on the new socket.
 """
 
@@ -183,10 +183,9 @@ def test_refused_destination_is_connect_failed(no_endpoints, warnings):
 
 
 @pytest_twisted.inlineCallbacks
-def test_refused_destination_fails_over_and_is_marked(no_endpoints):
+def test_refused_destination_fails_over(no_endpoints):
     """
-    With a failover list, a refusing first destination is skipped, the second serves, and the
-    first one's health records the failure.
+    With a failover list, a refusing first destination is skipped and the second serves.
     """
     servers = PeerFactory(payload=b"second")
     server_port = yield listen(servers)
