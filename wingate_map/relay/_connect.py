@@ -70,11 +70,9 @@ class DirectLeg:
 
 
 def _reset_on_death(reactor: Any) -> bool:
-    # A worker's endpoints connect through its reset-on-death reactor wrapper (imported here:
-    # the service package imports the relay).
-    from ..service._workers import _ResetOnDeathReactor
-
-    return isinstance(reactor, _ResetOnDeathReactor)
+    # A worker's endpoints connect through its reset-on-death reactor wrapper, which says so
+    # (the relay does not import the service package: the service imports the relay).
+    return getattr(reactor, "resets_on_death", False) is True
 
 
 def direct_route(reactor: Any, endpoints: Any, destination: Any, client_transport: Any) -> Route | None:

@@ -207,7 +207,12 @@ class _ResetOnDeathReactor:
     """
     The reactor, except that C{connectTCP} wraps the factory in L{ResetOnDeathFactory}: what a
     worker's destination endpoints connect with (every endpoint they build ends in connectTCP).
+
+    @cvar resets_on_death: read by the relay's hand-started connect, which then sets the same
+        linger on its own sockets.
     """
+
+    resets_on_death = True
 
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
