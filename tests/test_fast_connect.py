@@ -246,6 +246,10 @@ def test_worker_socket_resets_if_the_worker_dies():
 
     # The client leg here is not a TCP transport: no route; with one (below) a route.
     assert direct_route(r, endpoints, Destination(host="127.0.0.1", port=9), Client()) is None
+    # A route asks for the linger exactly when the endpoints connect through a worker's reactor.
+    from wingate_map.relay._connect import _reset_on_death
+
+    assert _reset_on_death(endpoints._reactor) and not _reset_on_death(r)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
