@@ -1004,7 +1004,7 @@ def interpretation(results: list[dict], cfg: dict) -> list[str]:
                 )
                 if part
             )
-            + ". They relay bytes differently: wingatemap's socket pump (wingate_map/pump.py) sends each read on at once with one `send` and registers for writability only when the peer is full; portforward's transports are each other's streaming producers, so every write is queued and sent a reactor turn later, after two `epoll_ctl` calls. That is where wingatemap's per-byte and per-message CPU is lower. wingatemap does more per connection (a rule decision, a session record, ClientConnect / ClientDisconnect events and their log lines, half-close handling, keepalive and TCP_NODELAY on both legs), so the connection rate and the memory per connection are where it can lose."
+            + ". They relay bytes differently: wingatemap's socket pump (wingate_map/relay/_pump.py) sends each read on at once with one `send` and registers for writability only when the peer is full; portforward's transports are each other's streaming producers, so every write is queued and sent a reactor turn later, after two `epoll_ctl` calls. That is where wingatemap's per-byte and per-message CPU is lower. wingatemap does more per connection (a rule decision, a session record, ClientConnect / ClientDisconnect events and their log lines, half-close handling, keepalive and TCP_NODELAY on both legs), so the connection rate and the memory per connection are where it can lose."
         )
         if verdict_of.get("conn/s", "").startswith("worse"):
             out.append(
@@ -1041,9 +1041,9 @@ PROFILE_NOTES = {
     ),
     "cpu_conn": (
         "Per new connection, about a third is the session's admission (the rule decision, two structured events with 16-18 fields, their sinks and log lines), "
-        "about a third Twisted's accept and `connectTCP` (the Connector, `resolveAddress` even for an IP literal, the client transport), "
+        "then Twisted's accept and the client transport (an IP-literal plain destination is already connected by hand, `relay/_connect.py`, straight into the pump), "
         "and the rest the kernel's connect, FIN and close work, with the pump's share (the take-over, its start, two `shutdown`s and two `close`s: mostly system calls) about a tenth of the whole. "
-        "Closing it is issue 11's lean connection path (a non-blocking `connect_ex` started by hand, events formatted lazily, the log written in batches)."
+        "Closing the rest is the events: built once, the audit and log lines written in batches, no per-event dispatch wrapper."
     ),
     "kb": (
         "The Twisted transports the pump took the sockets from (about 1 KB each session with their connector and factory) are still referenced by the relay; "
