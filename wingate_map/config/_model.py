@@ -454,9 +454,7 @@ class _Reader:
     def check_keys(self, table: dict[str, Any], path: str, known: tuple[str, ...]) -> None:
         for key in table:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                self.error(f"{path}.{key}" if path else key, f"unknown key{hint}; allowed here: {', '.join(known)}")
+                self.error(f"{path}.{key}" if path else key, f"unknown key{_did_you_mean(key, known)}; allowed here: {', '.join(known)}")
 
     def table(self, parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
         value = parent.get(key, {})
@@ -499,9 +497,7 @@ class _Reader:
         """
         value = table.get(key, default)
         if value not in allowed:
-            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6) if isinstance(value, str) else []
-            hint = f' (did you mean "{close[0]}"?)' if close else ""
-            self.error(path, f"{_describe(value)} is not allowed{hint}; expected one of {', '.join(allowed)}")
+            self.error(path, f"{_describe(value)} is not allowed{_did_you_mean(value, allowed)}; expected one of {', '.join(allowed)}")
             return default
         return value
 
@@ -758,6 +754,14 @@ def _read_users(reader: _Reader, data: dict[str, Any]) -> tuple[User, ...]:
     return tuple(users)
 
 
+def _did_you_mean(name: object, known: Any) -> str:
+    """
+    C{' (did you mean "X"?)'} for the name in C{known} closest to C{name}, or nothing.
+    """
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6) if isinstance(name, str) else []
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
 def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...]) -> tuple[Rule, ...]:
     if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
         reader.error(path, "must be an array of tables: write each rule as [[mappings.NAME.rules]]")
@@ -773,15 +777,12 @@ def _read_rules(reader: _Reader, value: Any, path: str, users: tuple[User, ...])
         rule_users = reader.strings(table, "user", f"{where}.user", "a user name")
         for name in rule_users or ():
             if name not in known_users:
-                close = difflib.get_close_matches(name, sorted(known_users), n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                reader.error(f"{where}.user", f"{name!r} is not a user defined in [users]{hint}")
+                reader.error(f"{where}.user", f"{name!r} is not a user defined in [users]{_did_you_mean(name, sorted(known_users))}")
         rule_groups = reader.strings(table, "group", f"{where}.group", "a group name")
         for name in rule_groups or ():
             if name not in known_groups:
-                close = difflib.get_close_matches(name, sorted(known_groups), n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
-                reader.error(f"{where}.group", f"{name!r} is not a group of any user (groups: {', '.join(sorted(known_groups))}){hint}")
+                groups = ", ".join(sorted(known_groups))
+                reader.error(f"{where}.group", f"{name!r} is not a group of any user (groups: {groups}){_did_you_mean(name, sorted(known_groups))}")
         from_ = reader.locations(table, "from", f"{where}.from")
         not_from = reader.locations(table, "not_from", f"{where}.not_from")
         sni = _read_sni_patterns(reader, table, f"{where}.sni")
