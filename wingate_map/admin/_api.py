@@ -268,6 +268,57 @@ class _Json(Resource):
         return json.dumps(body).encode() + b"\n"
 
 
+class _BodyReader(Protocol):
+    """
+    Collects a worker's answer body (at most L{_WORKER_BODY_LIMIT} bytes).
+
+    twisted.web.client.readBody would do, but it warns (DeprecationWarning) whenever the body
+    is still arriving, because the agent's transport proxy has no C{abortConnection}; a worker
+    answering over a Unix socket hits that every time.  The connection is closed after each
+    request anyway, so a body too large is simply refused.
+    """
+
+    def __init__(self, finished: Deferred[bytes]) -> None:
+        self.finished = finished
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > _WORKER_BODY_LIMIT:
+            if self.transport is not None:
+                self.transport.stopProducing()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        finished, self.finished = self.finished, None
+        if finished is None:
+            return
+        if self.size > _WORKER_BODY_LIMIT:
+            finished.errback(ValueError(f"a worker's answer is over {_WORKER_BODY_LIMIT} bytes"))
+        elif reason is not None and reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(b"".join(self.parts))
+        else:
+            finished.errback(reason)
+
+
+#: The largest answer taken from a worker (its session list for /sessions is the largest).
+_WORKER_BODY_LIMIT = 256 * 1024 * 1024
+
+
+def _read_body(response: Any) -> Deferred[bytes]:
+    """
+    The whole body of a worker's C{response} (see L{_BodyReader}).
+    """
+    finished: Deferred[bytes] = Deferred()
+    response.deliverBody(_BodyReader(finished))
+    return finished
+
+
 def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes, body: bytes | None = None) -> Deferred[tuple[int, Any]]:
     """
     One request to a worker's private admin API over its Unix socket: (status, JSON body).
@@ -275,7 +326,7 @@ def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes, body
     from twisted.internet.endpoints import UNIXClientEndpoint
     from io import BytesIO
 
-    from twisted.web.client import Agent, FileBodyProducer, readBody
+    from twisted.web.client import Agent, FileBodyProducer
     from zope.interface import implementer
     from twisted.web.iweb import IAgentEndpointFactory
 
@@ -290,7 +341,7 @@ def _ask_worker(reactor: Any, socket_path: str, method: bytes, path: bytes, body
     timer = reactor.callLater(10, d.cancel)
 
     def got(response: Any) -> Deferred[tuple[int, Any]]:
-        return readBody(response).addCallback(lambda body: (response.code, json.loads(body or b"null")))
+        return _read_body(response).addCallback(lambda body: (response.code, json.loads(body or b"null")))
 
     def settled(result: Any) -> Any:
         if timer.active():
