@@ -18,7 +18,7 @@ import struct
 import pytest
 import pytest_twisted
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost
 from twisted.logger import globalLogPublisher
 
 from wingate_map.relay import _destinations, _protocol
@@ -66,6 +66,22 @@ def warnings():
     globalLogPublisher.addObserver(observe)
     yield seen
     globalLogPublisher.removeObserver(observe)
+
+
+class ConnectOwner:
+    """
+    Records how a hand-started connect ended (an IConnectOwner).
+    """
+
+    def __init__(self):
+        self.succeeded = []
+        self.failed = []
+
+    def connect_succeeded(self, connect):
+        self.succeeded.append(connect)
+
+    def connect_failed(self, failure, timed_out):
+        self.failed.append((failure, timed_out))
 
 
 def connect(port, peer):
@@ -255,11 +271,13 @@ def test_worker_socket_resets_if_the_worker_dies():
     listener.listen(1)
     try:
         route = Route(r, socket.AF_INET, listener.getsockname(), True)
-        attempt = DirectConnect(route, b"")
+        owner = ConnectOwner()
+        attempt = DirectConnect(route, b"", owner, 30)
         linger = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
         assert struct.unpack("ii", linger) == (1, 0)
-        attempt.deferred.addErrback(lambda f: None)
-        attempt.deferred.cancel()
+        attempt.cancel()
         assert attempt.fileno() == -1
+        [(failure, timed_out)] = owner.failed
+        assert failure.check(ConnectingCancelledError) and not timed_out
     finally:
         listener.close()

@@ -9,12 +9,14 @@ It asks the policy through L{wingate_map.interfaces.IRuleService} and tells the 
 it never imports the admin API, the CLI, the tap or the service tree.
 
 Private modules: C{_protocol} (the protocol pair), C{_proxy_protocol}, C{_sni},
-C{_destinations}, C{_balance}, C{_health}, C{_pump} (the data plane), C{_ratelimit},
+C{_destinations}, C{_balance}, C{_health}, C{_pump} (the data plane), C{_poller} (its epoll),
+C{_connect} (the hand-started connect), C{_ratelimit},
 C{_tcp_internals} (the one place that reads Twisted's TCP transport internals, and why).
 """
 
 from ._destinations import StandardEndpointFactory
 from ._health import DestinationList, HealthChecker, build_lists, combine_states
+from ._poller import descriptors_for
 from ._protocol import MappingRuntime, RelayFactory, RelayProtocol
 from ._proxy_protocol import build_header
 from ._ratelimit import RateLimits
@@ -30,4 +32,5 @@ __all__ = [
     "build_header",
     "build_lists",
     "combine_states",
+    "descriptors_for",
 ]

@@ -5,13 +5,15 @@ started by hand, its socket handed straight to the socket pump.
 For the common case, a plain TCP destination given as an IP literal (no endpoint string, no
 TLS; a PROXY header is fine: the pump sends it first) with a plain TCP client leg and the
 socket pump on, the relay needs no Twisted transport, protocol, connector or endpoint for the
-destination leg: L{DirectConnect} creates the socket, starts C{connect_ex} and registers for
-writability on the reactor; on writability C{SO_ERROR} says how the connect ended.  Success
-hands the socket to the pump; a failure (a refusal, an unreachable network) is reported with
-the same Twisted error a C{connectTCP} would have given, so the relay's connect-failed path,
-failover, health reporting and log lines are those of the endpoint path.  The connect timeout
-stays the relay's (it cancels the Deferred, which closes the socket).  Anything else keeps the
-endpoint path (L{direct_route} says which).
+destination leg: L{DirectConnect} creates the socket (non-blocking in the same call), starts
+C{connect_ex} and registers for writability with the data plane's poller; on writability
+C{SO_ERROR} says how the connect ended, and the relay hears it directly (L{IConnectOwner}: no
+Deferred, no closures; one timer, the connect timeout).  Success hands the socket, still
+registered, to the pump (its registration becomes the destination leg's with one modify); a
+failure (a refusal, an unreachable network) is reported with the same Twisted error a
+C{connectTCP} would have given, so the relay's connect-failed path, failover, health reporting
+and log lines are those of the endpoint path.  Anything else keeps the endpoint path
+(L{direct_route} says which).
 
 In a worker process the socket gets C{SO_LINGER {1, 0}} at once (the worker's
 reset-on-death behaviour: if the worker dies, the kernel resets the connection); the pump
@@ -27,16 +29,17 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectingCancelledError, getConnectError
 from twisted.internet.interfaces import IReactorFDSet, IWriteDescriptor
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from ._destinations import StandardEndpointFactory, _ip_version
+from ._poller import WRITE, ReactorDescriptors
 from ._pump import _LINGER_RESET, _tcp_transport, take_over
 
 _STARTED = (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
+_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 @frozen
@@ -50,23 +53,6 @@ class Route:
     family: int
     address: tuple[Any, ...]
     reset_on_death: bool
-
-
-@frozen
-class DirectLeg:
-    """
-    A connected destination socket, and the bytes to send it before anything else (a PROXY
-    header); what the Deferred of L{connect_direct} fires with.
-    """
-
-    sock: socket.socket
-    preamble: bytes
-
-    def close(self) -> None:
-        """
-        Close the socket (a reset if it lingers so).
-        """
-        self.sock.close()
 
 
 def _reset_on_death(reactor: Any) -> bool:
@@ -99,24 +85,47 @@ def direct_route(reactor: Any, endpoints: Any, destination: Any, client_transpor
     return Route(reactor, socket.AF_INET6, (host, port, 0, 0), _reset_on_death(endpoints._reactor))
 
 
+class IConnectOwner(Interface):
+    """
+    Who a L{DirectConnect} reports to (the relay), once.
+    """
+
+    def connect_succeeded(connect: "DirectConnect") -> None:
+        """
+        Connected: C{connect.sock} is the destination's socket, still registered for
+        writability (hand it to the pump with C{connect}, or L{DirectConnect.close} it).
+        """
+
+    def connect_failed(failure: Failure, timed_out: bool) -> None:
+        """
+        Not connected (the socket is closed): Twisted's connect error for C{failure} (what a
+        C{connectTCP} would have given), L{ConnectingCancelledError} when cancelled;
+        C{timed_out}: the connect timeout ended it.
+        """
+
+
 @implementer(IWriteDescriptor)
 class DirectConnect:
     """
-    One non-blocking connect in progress, registered for writability; C{deferred} fires with a
-    L{DirectLeg} once connected, or fails with Twisted's connect error (or
-    L{ConnectingCancelledError} when cancelled: the socket is closed).
+    One non-blocking connect in progress, registered for writability with C{fds} (the data
+    plane's L{wingate_map.relay._poller.IDescriptors}); it tells its L{IConnectOwner} how it
+    ended, directly (no Deferred), after at most C{timeout} seconds.
+
+    @ivar mask: what the socket is registered for (the pump takes the registration over).
     """
 
-    __slots__ = ("reactor", "sock", "fd", "preamble", "deferred", "address")
+    __slots__ = ("reactor", "fds", "sock", "fd", "mask", "preamble", "owner", "address", "timer")
 
-    def __init__(self, route: Route, preamble: bytes) -> None:
-        self.reactor = route.reactor
+    def __init__(self, route: Route, preamble: bytes, owner: IConnectOwner, timeout: float, fds: Any = None) -> None:
+        reactor = self.reactor = route.reactor
+        self.fds = fds if fds is not None else ReactorDescriptors(reactor)
         self.preamble = preamble
+        self.owner = owner
         self.address = route.address
-        self.deferred: Deferred[DirectLeg] = Deferred(self._cancel)
-        sock = self.sock = socket.socket(route.family, socket.SOCK_STREAM)
+        self.mask = 0
+        # Non-blocking (and close-on-exec) from the start: one call.
+        sock = self.sock = socket.socket(route.family, _STREAM)
         self.fd = sock.fileno()
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if route.reset_on_death:
@@ -124,9 +133,11 @@ class DirectConnect:
         result = sock.connect_ex(route.address)
         if result not in _STARTED:
             # Failed at once: reported a reactor turn later, as connectTCP does.
-            self.reactor.callLater(0, self._failed, result)
+            self.timer = reactor.callLater(0, self._failed, result)
             return
-        self.reactor.addWriter(self)
+        self.fds.set(self, self.fd, 0, WRITE)
+        self.mask = WRITE
+        self.timer = reactor.callLater(timeout, self._expired)
 
     def fileno(self) -> int:
         """
@@ -140,25 +151,32 @@ class DirectConnect:
         """
         return "wingatemap-connect"
 
+    def doRead(self) -> None:
+        """
+        Never registered for reading (the poller may say an error is readable: L{doWrite} is
+        told too, and handles it).
+        """
+
     def doWrite(self) -> None:
         """
-        Writable: the connect is over; SO_ERROR says how.
+        Writable (or an error): the connect is over; SO_ERROR says how.
         """
-        self.reactor.removeWriter(self)
         sock = self.sock
-        if sock is None:
+        if sock is None or self.owner is None:
             return
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             self._failed(error)
             return
-        self.sock, self.fd = None, -1
-        self.deferred.callback(DirectLeg(sock, self.preamble))
+        owner, self.owner = self.owner, None
+        self.timer.cancel()
+        owner.connect_succeeded(self)
 
     def connectionLost(self, reason: Any) -> None:
         """
         The reactor saw an error or hang-up (a refused connect): it has unregistered us.
         """
+        self.mask = 0
         sock = self.sock
         if sock is None:
             return
@@ -168,35 +186,46 @@ class DirectConnect:
             error = e.errno or errno.ECONNREFUSED
         self._failed(error or errno.ECONNREFUSED)
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """
+        Unregister and close the socket (a reset if it lingers so); nothing is reported.
+        """
+        self.owner = None
+        if self.timer.active():
+            self.timer.cancel()
+        if self.mask:
+            self.fds.set(self, self.fd, self.mask, 0)  # unregistered before the socket closes
+            self.mask = 0
         sock, self.sock, self.fd = self.sock, None, -1
         if sock is not None:
             sock.close()
 
-    def _failed(self, error: int) -> None:
-        if self.sock is None:
-            return
-        self._close()
-        self.deferred.errback(Failure(getConnectError((error, os.strerror(error)))))
+    def _report_failure(self, failure: Failure, timed_out: bool = False) -> None:
+        owner = self.owner
+        self.close()
+        if owner is not None:
+            owner.connect_failed(failure, timed_out)
 
-    def _cancel(self, deferred: Deferred[DirectLeg]) -> None:
-        if self.sock is None:
+    def _failed(self, error: int) -> None:
+        if self.sock is not None:
+            self._report_failure(Failure(getConnectError((error, os.strerror(error)))))
+
+    def _expired(self) -> None:
+        self._report_failure(Failure(TimeoutError(f"connection to {self.address[0]} port {self.address[1]}")), timed_out=True)
+
+    def cancel(self) -> None:
+        """
+        Give up (the session ended first): the socket is closed, the owner told
+        L{ConnectingCancelledError}.
+        """
+        if self.sock is None or self.owner is None:
             return
-        self.reactor.removeWriter(self)  # unregistered before the socket closes
-        self._close()
         host, port = self.address[0], self.address[1]
         address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
-        deferred.errback(ConnectingCancelledError(address))
+        self._report_failure(Failure(ConnectingCancelledError(address)))
 
 
-def connect_direct(route: Route, preamble: bytes = b"") -> Deferred[DirectLeg]:
-    """
-    Start connecting by hand along C{route}; see L{DirectConnect}.
-    """
-    return DirectConnect(route, preamble).deferred
-
-
-def take_client(reactor: Any, client_transport: Any, leg: DirectLeg) -> tuple[socket.socket, socket.socket, bytes, bytes] | None:
+def take_client(reactor: Any, client_transport: Any, connect: DirectConnect) -> tuple[socket.socket, socket.socket, bytes, bytes] | None:
     """
     Take the client's socket from its transport (as L{take_over} does for two transports) and
     pair it with the hand-connected destination: (client socket, destination socket, bytes
@@ -209,4 +238,4 @@ def take_client(reactor: Any, client_transport: Any, leg: DirectLeg) -> tuple[so
     if taken is None:
         return None
     client_socket, _, client_unsent, _ = taken
-    return client_socket, leg.sock, client_unsent, leg.preamble
+    return client_socket, connect.sock, client_unsent, connect.preamble  # type: ignore[return-value]

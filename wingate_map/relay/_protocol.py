@@ -42,7 +42,7 @@ from ..config import format_host_port
 from ..network import original_destination
 from ..config import LocationSet, client_address
 from ._pump import CLIENT, DESTINATION, IPumpOwner, SocketPump, TransportPump, take_over
-from ._connect import DirectLeg, connect_direct, direct_route, take_client
+from ._connect import DirectConnect, IConnectOwner, direct_route, take_client
 from ._proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
 from ..tls import describe_tls_failure, subject_common_name
 from ..values import CONNECT, NO_DESTINATION, REJECT, ClientInfo, Decision
@@ -75,6 +75,9 @@ class MappingRuntime:
     balancers: dict[Any, Any] = field(factory=dict)
     rate_limits: Any = None  # wingate_map.relay.RateLimits (shared buckets), else None
     socket_pump: bool = True  # plain TCP legs relayed by pump.SocketPump (else Twisted's transports)
+    # Where the pump and the hand-started connects register their sockets: the service's
+    # poller.EpollPoller for its reactor; None: the reactor's own IReactorFDSet.
+    poller: Any = None
     proxy_from: LocationSet | None = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -313,7 +316,7 @@ class IllegalTransition(Exception):
     """
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener, IPumpOwner)
+@implementer(IHalfCloseableProtocol, IHandshakeListener, IPumpOwner, IConnectOwner)
 class RelayProtocol(Protocol):
     """
     The client leg of a session, and the session's owner.
@@ -350,7 +353,7 @@ class RelayProtocol(Protocol):
         self._pending: tuple[str, str | None] | None = None  # (mapping, peer) counted while PENDING
         self._decision: Decision | None = None
         self._refusal: str | None = None  # limit, rejected or no-destination: decided before handlers
-        self._connecting: Deferred[Any] | None = None
+        self._connecting: Deferred[Any] | DirectConnect | None = None  # cancel() it to give up
         self._client_eof = False
         self._dest_eof = False
         self._client_lost = False
@@ -757,13 +760,14 @@ class RelayProtocol(Protocol):
             )
         try:
             # The common case (plain TCP to an IP literal, both legs for the pump) is connected
-            # by hand (relay._connect); anything else through the endpoint factory.
+            # by hand (relay._connect): it calls connect_succeeded or connect_failed, with its
+            # own timeout.  Anything else through the endpoint factory.
             route = direct_route(runtime.clock, runtime.endpoints, destination, self.transport) if runtime.socket_pump else None
             if route is not None:
-                d = connect_direct(route, preamble)
-            else:
-                endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout, preamble)
-                d = endpoint.connect(_DestinationFactory(self, tls=destination.tls is not None))
+                self._connecting = DirectConnect(route, preamble, self, timeout, runtime.poller)
+                return
+            endpoint = runtime.endpoints.endpoint_for_destination(destination, timeout, preamble)
+            d = endpoint.connect(_DestinationFactory(self, tls=destination.tls is not None))
         except Exception:
             d = Deferred()
             d.errback()
@@ -785,8 +789,29 @@ class RelayProtocol(Protocol):
         d.addCallbacks(self._connected, self._connect_failed, callbackArgs=(destination,), errbackArgs=(position, timed_out))
         d.addErrback(self._relay_error)
 
-    def _connected(self, protocol: DestinationProtocol | DirectLeg, destination: Destination) -> None:
-        direct = isinstance(protocol, DirectLeg)  # connected by hand: a socket, no protocol
+    def connect_succeeded(self, connect: DirectConnect) -> None:
+        """
+        The destination connected by hand is connected (see L{IConnectOwner}).
+        """
+        self._connecting = None
+        try:
+            assert self._decision is not None
+            self._connected(connect, self._decision.destinations[self._dest_index])
+        except Exception:
+            self._relay_error(Failure())
+
+    def connect_failed(self, failure: Failure, timed_out: bool) -> None:
+        """
+        The destination connected by hand could not be reached (see L{IConnectOwner}).
+        """
+        self._connecting = None
+        try:
+            self._connect_failed(failure, self._try, timed_out)
+        except Exception:
+            self._relay_error(Failure())
+
+    def _connected(self, protocol: DestinationProtocol | DirectConnect, destination: Destination) -> None:
+        direct = isinstance(protocol, DirectConnect)  # connected by hand: a socket, no protocol
         self.peer = None if direct else protocol
         self._dest_lost = self._dest_eof = False
         self.session.destination = str(destination)
@@ -820,7 +845,7 @@ class RelayProtocol(Protocol):
         if self.peer is not None:
             self.peer.transport.abortConnection()
 
-    def _wire(self, input: str, direct: DirectLeg | None = None) -> None:
+    def _wire(self, input: str, direct: DirectConnect | None = None) -> None:
         """
         Both legs are ready (C{input}: connected, or secured): join them and let the client's
         bytes flow.  C{direct}: the destination was connected by hand (no protocol): its
@@ -853,7 +878,8 @@ class RelayProtocol(Protocol):
             # the session ends (pump_eof, pump_ended); the transports hear nothing more.
             client_socket, destination_socket, client_unsent, destination_unsent = taken
             self._pump = SocketPump(
-                runtime.clock, client_socket, destination_socket, session, self, client_unsent, destination_unsent, limits, self._track_idle
+                runtime.clock, client_socket, destination_socket, session, self, client_unsent, destination_unsent, limits, self._track_idle,
+                runtime.poller, direct,
             )
             # Let go of the Twisted transports (and the destination's protocol, connector and
             # factory): they will never be used again, and kept they cost about 1 KB a session.
@@ -869,7 +895,7 @@ class RelayProtocol(Protocol):
             self._go("client_eof")  # it came while deciding or connecting: the pump passes it on
         self._pump.start(early, self._client_eof)
 
-    def _connect_failed(self, failure: Failure, position: int, timed_out: list[bool]) -> None:
+    def _connect_failed(self, failure: Failure, position: int, timed_out: Any) -> None:
         if self.phase is not Phase.CONNECTING or self._client_lost or self._reason is not None:
             self._maybe_finish()
             return

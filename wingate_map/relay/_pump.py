@@ -52,6 +52,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import Attribute, Interface, implementer
 
+from ._poller import READ, WRITE, ReactorDescriptors
 from ._ratelimit import Limiter, Throttle
 from ._tcp_internals import unsent as _unsent
 from ._tcp_internals import write_closed
@@ -222,8 +223,8 @@ class _Leg:
     """
 
     __slots__ = (
-        "pump", "side", "sock", "fd", "peer", "out", "reading", "writing", "read_done", "shut", "shut_pending", "limiter", "wake",
-        "splicing", "pipe", "piped", "__weakref__",
+        "pump", "side", "sock", "fd", "peer", "out", "reading", "writing", "mask", "read_done", "shut", "shut_pending", "limiter",
+        "wake", "splicing", "pipe", "piped", "__weakref__",
     )
 
     def __init__(self, pump: "SocketPump", side: str, sock: socket.socket, limiter: Limiter | None) -> None:
@@ -235,6 +236,7 @@ class _Leg:
         self.out: Any = b""  # bytes (or a memoryview) still to send to this socket
         self.reading = False
         self.writing = False
+        self.mask = 0  # what it is registered for (poller.READ | poller.WRITE), see SocketPump._sync
         self.read_done = False  # end of input seen
         self.shut = False  # our FIN sent (shutdown(SHUT_WR))
         self.shut_pending = False  # send it once self.out is out
@@ -312,10 +314,25 @@ class _Leg:
 
     def readConnectionLost(self, reason: Any) -> None:
         """
-        The reactor saw the end of input (a hang-up with nothing left to read).
+        The reactor saw the end of input (a hang-up with nothing left to read) and stopped
+        reading.  Only Twisted's reactor says this, also for a reset it polled while the kernel
+        was still handling it (EPOLLERR without EPOLLIN, see
+        L{wingate_map.relay._protocol.pending_socket_error}): the socket's pending error tells
+        a reset from a FIN.  (A FIN read by C{recv} needs no such check: C{recv} reports a
+        pending error before an end of input.)
         """
         self.reading = False
-        if self.sock is not None:
+        self.mask &= ~READ
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            error = errno.EBADF
+        if error:
+            self.pump._reset(self)
+        else:
             self.pump._eof(self)
 
     def writeConnectionLost(self, reason: Any) -> None:
@@ -329,6 +346,7 @@ class _Leg:
         unregistered already; a reset ends the session.
         """
         self.reading = self.writing = False
+        self.mask = 0
         if self.sock is None:
             return
         self.pump._reset(self)
@@ -343,7 +361,7 @@ class SocketPump:
     @ivar session: the L{wingate_map.sessions.Session} whose byte counts it keeps.
     """
 
-    __slots__ = ("reactor", "clock", "session", "owner", "track_idle", "last_activity", "ended", "_reset_by", "client", "destination")
+    __slots__ = ("fds", "clock", "session", "owner", "track_idle", "last_activity", "ended", "_reset_by", "client", "destination")
 
     def __init__(
         self,
@@ -356,13 +374,21 @@ class SocketPump:
         destination_unsent: bytes = b"",
         limits: tuple[Limiter | None, Limiter | None] = (None, None),
         track_idle: bool = False,
+        fds: Any = None,
+        connect: Any = None,
     ) -> None:
         """
+        @param reactor: the clock (and, without C{fds}, where descriptors are registered).
         @param limits: the rate limits on what the client sends and on what the destination
             sends (None: unlimited).
         @param track_idle: keep L{last_activity} (one clock read per chunk).
+        @param fds: where the legs are registered (L{wingate_map.relay._poller.IDescriptors}),
+            by default the reactor's own C{IReactorFDSet}.
+        @param connect: the hand-started connect that made C{destination}
+            (L{wingate_map.relay._connect.DirectConnect}), still registered: its registration
+            becomes the destination leg's (a modify, not a delete and an add).
         """
-        self.reactor = reactor
+        self.fds = fds if fds is not None else ReactorDescriptors(reactor)
         self.clock: IReactorTime = reactor
         self.session = session
         self.owner = owner
@@ -375,6 +401,9 @@ class SocketPump:
         c.peer, d.peer = d, c
         c.out, d.out = client_unsent, destination_unsent
         self.client, self.destination = c, d
+        if connect is not None and connect.mask:
+            self.fds.hand_over(connect, d, d.fd, connect.mask, connect.mask)
+            d.mask, connect.mask = connect.mask, 0
 
     # -- IPump --------------------------------------------------------------------------------
 
@@ -417,18 +446,21 @@ class SocketPump:
     def _set_reading(self, leg: _Leg, on: bool) -> None:
         if on != leg.reading:
             leg.reading = on
-            if on:
-                self.reactor.addReader(leg)
-            else:
-                self.reactor.removeReader(leg)
+            self._sync(leg)
 
     def _set_writing(self, leg: _Leg, on: bool) -> None:
         if on != leg.writing:
             leg.writing = on
-            if on:
-                self.reactor.addWriter(leg)
-            else:
-                self.reactor.removeWriter(leg)
+            self._sync(leg)
+
+    def _sync(self, leg: _Leg) -> None:
+        """
+        Register C{leg} for what it waits for now (one change of interest: one call).
+        """
+        mask = (READ if leg.reading else 0) | (WRITE if leg.writing else 0)
+        if mask != leg.mask:
+            self.fds.set(leg, leg.fd, leg.mask, mask)
+            leg.mask = mask
 
     def _update_reading(self, leg: _Leg) -> None:
         """
@@ -548,17 +580,8 @@ class SocketPump:
 
     def _eof(self, leg: _Leg) -> None:
         """
-        C{leg} sent its FIN, or was reset (an end of input with an error pending on the socket).
+        C{leg} sent its FIN.
         """
-        sock = leg.sock
-        assert sock is not None
-        try:
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError:
-            error = errno.EBADF
-        if error:
-            self._reset(leg)
-            return
         leg.read_done = True
         self._set_reading(leg, False)
         if leg.wake is not None:
@@ -608,8 +631,8 @@ class SocketPump:
         sock = leg.sock
         if sock is None:
             return
-        self._set_reading(leg, False)
-        self._set_writing(leg, False)
+        leg.reading = leg.writing = False
+        self._sync(leg)  # unregistered before the socket closes
         if leg.wake is not None:
             if leg.wake.active():
                 leg.wake.cancel()

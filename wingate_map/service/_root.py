@@ -35,7 +35,7 @@ from ..policy import AssumedIdentitySource, CertificateIdentitySource, IdentityR
 from ..interfaces import IDestinationEndpointFactory, IEventSink, IIdentitySource
 from ..relay import RateLimits
 from ..relay import DestinationList, HealthChecker, build_lists
-from ..relay import MappingRuntime, RelayFactory
+from ..relay import MappingRuntime, RelayFactory, descriptors_for
 from ..policy import MappingRuleService
 from ..sessions import SessionRegistry
 from ..policy import CredentialStore
@@ -111,6 +111,9 @@ class WingateMapService(MultiService):
         super().__init__()
         # Plain TCP sessions relayed by pump.SocketPump (False: Twisted's transports, as TLS).
         self._socket_pump = socket_pump
+        # The data plane's poller for this service's reactor (relay._poller), made at the first
+        # build, open while the service runs (closed after the drain).
+        self._poller: Any = None
         # Every mapping's rate_limit buckets, shared by the sessions of a client or a mapping
         # across reloads (created with the reactor, at the first build).
         self.rate_limits: RateLimits | None = None
@@ -287,7 +290,13 @@ class WingateMapService(MultiService):
             balancers=build_lists(mapping, self.reactor, self._kept_lists),
             rate_limits=self._shared_rate_limits(),
             socket_pump=self._socket_pump,
+            poller=self._data_plane(),
         )
+
+    def _data_plane(self) -> Any:
+        if self._poller is None:
+            self._poller = descriptors_for(self.reactor)
+        return self._poller
 
     def _shared_rate_limits(self) -> RateLimits:
         if self.rate_limits is None:
@@ -432,6 +441,7 @@ class WingateMapService(MultiService):
         self._listeners.point(targets)
         self._compose()
         self._open_children()
+        self._data_plane().open()
         self._started = True
         for warning in self.config.warnings:
             _log.warn("configuration: {warning}", warning=str(warning))
@@ -835,6 +845,8 @@ class WingateMapService(MultiService):
         self._hurry = False
         if isinstance(result, Failure):
             _log.failure("error while stopping", result)
+        if self._poller is not None:
+            self._poller.close()  # no session is left to use it (a restart opens it again)
         rest = [self._stop_child(child) for child in reversed(list(self))]
 
         def stopped(result: Any) -> None:
