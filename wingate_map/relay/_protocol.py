@@ -78,6 +78,9 @@ class MappingRuntime:
     # Where the pump and the hand-started connects register their sockets: the service's
     # poller.EpollPoller for its reactor; None: the reactor's own IReactorFDSet.
     poller: Any = None
+    # Whether the sockets may be set to reset if the process dies (a worker's; the service says
+    # when they are not): the pump then clears that before an orderly close.
+    sockets_linger: bool = True
     proxy_from: LocationSet | None = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -879,7 +882,7 @@ class RelayProtocol(Protocol):
             client_socket, destination_socket, client_unsent, destination_unsent = taken
             self._pump = SocketPump(
                 runtime.clock, client_socket, destination_socket, session, self, client_unsent, destination_unsent, limits, self._track_idle,
-                runtime.poller, direct,
+                runtime.poller, direct, runtime.sockets_linger,
             )
             # Let go of the Twisted transports (and the destination's protocol, connector and
             # factory): they will never be used again, and kept they cost about 1 KB a session.

@@ -361,7 +361,7 @@ class SocketPump:
     @ivar session: the L{wingate_map.sessions.Session} whose byte counts it keeps.
     """
 
-    __slots__ = ("fds", "clock", "session", "owner", "track_idle", "last_activity", "ended", "_reset_by", "client", "destination")
+    __slots__ = ("fds", "clock", "session", "owner", "track_idle", "lingers", "last_activity", "ended", "_reset_by", "client", "destination")
 
     def __init__(
         self,
@@ -376,6 +376,7 @@ class SocketPump:
         track_idle: bool = False,
         fds: Any = None,
         connect: Any = None,
+        lingers: bool = True,
     ) -> None:
         """
         @param reactor: the clock (and, without C{fds}, where descriptors are registered).
@@ -387,12 +388,15 @@ class SocketPump:
         @param connect: the hand-started connect that made C{destination}
             (L{wingate_map.relay._connect.DirectConnect}), still registered: its registration
             becomes the destination leg's (a modify, not a delete and an add).
+        @param lingers: the sockets may be set to reset on close (a worker's, see
+            L{_close}); False: they are not, and an orderly close needs no C{setsockopt}.
         """
         self.fds = fds if fds is not None else ReactorDescriptors(reactor)
         self.clock: IReactorTime = reactor
         self.session = session
         self.owner = owner
         self.track_idle = track_idle
+        self.lingers = lingers
         self.last_activity = reactor.seconds()
         self.ended = False
         self._reset_by: str | None = None
@@ -601,16 +605,19 @@ class SocketPump:
         Send C{leg} our FIN (all its bytes are out); end once both directions are done.
         """
         leg.shut_pending = False
+        peer = leg.peer
+        leg.shut = True
+        if leg.read_done and peer.shut and peer.read_done:
+            # The last FIN: both sockets close now, and the close sends it (after any bytes
+            # still in the kernel; nothing is left unread on either: both inputs ended).
+            self._close(self.client, reset=False)
+            self._close(self.destination, reset=False)
+            self._finish()
+            return
         try:
             leg.sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
         except OSError:
             self._reset(leg)
-            return
-        leg.shut = True
-        if leg.shut and leg.read_done and leg.peer.shut and leg.peer.read_done:
-            self._close(self.client, reset=False)
-            self._close(self.destination, reset=False)
-            self._finish()
 
     def _reset(self, leg: _Leg) -> None:
         """
@@ -626,7 +633,7 @@ class SocketPump:
     def _close(self, leg: _Leg, reset: bool) -> None:
         """
         Unregister C{leg}, then close its socket: with a reset (C{SO_LINGER {1, 0}}), or in
-        order (linger cleared, as a worker sets it to reset if it dies).
+        order (linger cleared if it may be set: a worker sets it to reset if it dies).
         """
         sock = leg.sock
         if sock is None:
@@ -643,10 +650,11 @@ class SocketPump:
         if leg.pipe is not None:
             PIPES.discard(leg.pipe)  # it may hold bytes: never back to the pool
             leg.pipe, leg.piped = None, 0
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if reset else _LINGER_OFF)
-        except OSError:
-            pass
+        if reset or self.lingers:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if reset else _LINGER_OFF)
+            except OSError:
+                pass
         sock.close()
 
     def _finish(self) -> None:

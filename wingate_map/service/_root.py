@@ -291,6 +291,7 @@ class WingateMapService(MultiService):
             rate_limits=self._shared_rate_limits(),
             socket_pump=self._socket_pump,
             poller=self._data_plane(),
+            sockets_linger=self.worker_index > 0,
         )
 
     def _data_plane(self) -> Any:
