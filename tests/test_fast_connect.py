@@ -2,10 +2,10 @@
 The lean connect path (wingate_map.relay._connect): plain TCP destinations given as IP literals
 are connected by hand (non-blocking connect_ex, writability, SO_ERROR) and their sockets go
 straight to the socket pump, over real loopback sockets.  Every test here forbids the endpoint
-path (the endpoint factory raises), so each passes only through the hand-made connect: bytes
-relayed exactly both ways, half-close, resets, a refusal (connect-failed, failover to the next
-destination), a black hole (connect-timeout, socket closed), and a worker's
-reset-on-death linger on the new socket.
+path (the endpoint factory raises), so each passes only through the hand-made connect, on the
+data plane's poller and on the reactor's own descriptor set: bytes relayed exactly both ways,
+half-close, and a worker's reset-on-death linger on the new socket.  Refusals, failover, black
+holes and resets run over every connect path in tests/test_integration.py (its connect_path).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import struct
 import pytest
 import pytest_twisted
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.error import ConnectingCancelledError, ConnectionDone, ConnectionLost
-from twisted.logger import globalLogPublisher
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 
 from wingate_map.relay import _destinations, _protocol
 from wingate_map.relay._connect import DirectConnect, Route, direct_route, take_client
+from wingate_map.relay._poller import ReactorDescriptors
 from wingate_map.service._workers import reset_on_death_reactor
 
-from .helpers import Peer, PeerFactory, free_port, mapping_config, open_fds, start_service, wait_for
+from .helpers import Peer, PeerFactory, free_port, mapping_config, start_service
 
 MB = 1 << 20
 
@@ -36,36 +36,21 @@ def reactor():
     return r
 
 
-@pytest.fixture
-def no_endpoints(monkeypatch):
+@pytest.fixture(params=["poller", "reactor"])
+def no_endpoints(request, monkeypatch):
     """
     The endpoint path is forbidden: a destination that would go through it fails to connect.
+    Run once with the data plane's poller, once with the reactor's own descriptor set.
     """
+    if request.param == "reactor":
+        import wingate_map.service._root as root
+
+        monkeypatch.setattr(root, "descriptors_for", ReactorDescriptors)
 
     def forbidden(self, destination, timeout, preamble=b""):
         raise AssertionError("endpoint path used")
 
     monkeypatch.setattr(_destinations.StandardEndpointFactory, "endpoint_for_destination", forbidden)
-
-
-@pytest.fixture
-def warnings():
-    """
-    The text of every log event of this test.
-    """
-    seen: list[str] = []
-
-    def observe(event):
-        fmt = event.get("log_format")
-        if fmt:
-            try:
-                seen.append(fmt.format(**event))
-            except Exception:
-                pass
-
-    globalLogPublisher.addObserver(observe)
-    yield seen
-    globalLogPublisher.removeObserver(observe)
 
 
 class ConnectOwner:
@@ -155,96 +140,6 @@ def test_destination_answers_after_client_half_close(no_endpoints):
     finally:
         yield service.stopService()
         yield server_port.stopListening()
-
-
-@pytest_twisted.inlineCallbacks
-def test_destination_reset_reaches_client_as_reset(no_endpoints):
-    """
-    A destination that resets mid-stream makes the client see a reset, not a clean end.
-    """
-    servers = PeerFactory(payload=b"", half_close=False, reset_after=100_000)
-    server_port = yield listen(servers)
-    port = free_port()
-    service, sink = start_service(mapping_config(port, [("127.0.0.1", server_port.getHost().port)]))
-    try:
-        client = Peer(payload=os.urandom(1 * MB), half_close=False)
-        yield connect(port, client)
-        reason = yield client.lost
-        assert isinstance(reason, ConnectionLost) and not isinstance(reason, ConnectionDone)
-        [event] = yield sink.disconnects(1)
-        assert event["reason"] == "destination-closed"
-    finally:
-        yield service.stopService()
-        yield server_port.stopListening()
-
-
-@pytest_twisted.inlineCallbacks
-def test_refused_destination_is_connect_failed(no_endpoints, warnings):
-    """
-    A destination that refuses ends the session with connect-failed, logged with the
-    refusal; the client is closed and nothing of it is left open.
-    """
-    dead = free_port()
-    port = free_port()
-    service, sink = start_service(mapping_config(port, [("127.0.0.1", dead)]))
-    try:
-        client = Peer(payload=b"hello", half_close=False)
-        yield connect(port, client)
-        yield client.lost
-        [event] = yield sink.disconnects(1)
-        assert event["reason"] == "connect-failed" and event["bytes_from_client"] == 0
-        assert any(f"cannot connect to 127.0.0.1:{dead}" in w and "refused" in w for w in warnings), warnings
-    finally:
-        yield service.stopService()
-
-
-@pytest_twisted.inlineCallbacks
-def test_refused_destination_fails_over(no_endpoints):
-    """
-    With a failover list, a refusing first destination is skipped and the second serves.
-    """
-    servers = PeerFactory(payload=b"second")
-    server_port = yield listen(servers)
-    port = free_port()
-    dead = free_port()
-    second = ("127.0.0.1", server_port.getHost().port)
-    service, sink = start_service(mapping_config(port, [("127.0.0.1", dead), second]))
-    try:
-        client = Peer(payload=b"x")
-        yield connect(port, client)
-        yield client.lost
-        [event] = yield sink.disconnects(1)
-        assert client.first_bytes == b"second"
-        assert event["destination"] == f"127.0.0.1:{second[1]}"
-    finally:
-        yield service.stopService()
-        yield server_port.stopListening()
-
-
-@pytest_twisted.inlineCallbacks
-def test_black_holed_destination_is_connect_timeout(no_endpoints):
-    """
-    A destination that never answers (SYNs dropped: a full accept queue) ends the session with
-    connect-timeout after connect_timeout, and the half-open socket is closed.
-    """
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    filler = socket.create_connection(hole.getsockname())  # fills the accept queue
-    port = free_port()
-    service, sink = start_service(mapping_config(port, [hole.getsockname()], extra="connect_timeout = 0.5"))
-    try:
-        before = open_fds()
-        client = Peer(payload=b"", half_close=False)
-        yield connect(port, client)
-        yield client.lost
-        [event] = yield sink.disconnects(1)
-        assert event["reason"] == "connect-timeout"
-        yield wait_for(lambda: open_fds() <= before)
-    finally:
-        yield service.stopService()
-        filler.close()
-        hole.close()
 
 
 def test_worker_socket_resets_if_the_worker_dies():

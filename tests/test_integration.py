@@ -13,9 +13,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.logger import globalLogPublisher
 
 from wingate_map.errors import BindError
+from wingate_map.relay import _destinations, _poller, _protocol
 
 from .helpers import (
     EchoProtocol,
@@ -61,6 +63,50 @@ def connect(port, peer, host="127.0.0.1"):
     return connectProtocol(TCP4ClientEndpoint(reactor(), host, port), peer)
 
 
+@pytest.fixture(params=["direct", "direct-on-reactor", "endpoint"])
+def connect_path(request, monkeypatch):
+    """
+    Each way a plain destination can be reached, one at a time: connected by hand with the
+    data plane's poller (the default; the endpoint path is forbidden, so a test passes only
+    through the hand-made connect), connected by hand with the reactor's own descriptor set
+    (what a reactor without epoll gets), or through the endpoint factory (as destinations
+    given by name or with TLS).
+    """
+    if request.param == "endpoint":
+        monkeypatch.setattr(_protocol, "direct_route", lambda *args: None)
+    else:
+
+        def forbidden(self, destination, timeout, preamble=b""):
+            raise AssertionError("endpoint path used")
+
+        monkeypatch.setattr(_destinations.StandardEndpointFactory, "endpoint_for_destination", forbidden)
+    if request.param == "direct-on-reactor":
+        import wingate_map.service._root as root
+
+        monkeypatch.setattr(root, "descriptors_for", _poller.ReactorDescriptors)
+    return request.param
+
+
+@pytest.fixture
+def warnings():
+    """
+    The text of every log event of this test.
+    """
+    seen: list[str] = []
+
+    def observe(event):
+        fmt = event.get("log_format")
+        if fmt:
+            try:
+                seen.append(fmt.format(**event))
+            except Exception:
+                pass
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
 @pytest_twisted.inlineCallbacks
 def test_50mb_both_ways_intact():
     """
@@ -88,7 +134,7 @@ def test_50mb_both_ways_intact():
 
 
 @pytest_twisted.inlineCallbacks
-def test_half_close_from_client():
+def test_half_close_from_client(connect_path):
     """
     The client sends a request and half-closes; the destination sees EOF, then answers, and
     the answer reaches the client after its own FIN.
@@ -108,7 +154,7 @@ def test_half_close_from_client():
 
 
 @pytest_twisted.inlineCallbacks
-def test_half_close_from_destination():
+def test_half_close_from_destination(connect_path):
     """
     The destination sends a banner and half-closes; the client sees EOF and can still send.
     """
@@ -136,9 +182,10 @@ def test_half_close_from_destination():
 
 
 @pytest_twisted.inlineCallbacks
-def test_destination_refusing():
+def test_destination_refusing(connect_path, warnings):
     """
-    A destination that refuses ends the session with connect-failed; the client is closed.
+    A destination that refuses ends the session with connect-failed, logged with the refusal;
+    the client is closed.
     """
     dead = free_port()
     port = free_port()
@@ -149,12 +196,13 @@ def test_destination_refusing():
         yield client.lost
         [event] = yield sink.disconnects(1)
         assert event["reason"] == "connect-failed" and event["bytes_from_client"] == 0
+        assert any(f"cannot connect to 127.0.0.1:{dead}" in w and "refused" in w for w in warnings), warnings
     finally:
         yield service.stopService()
 
 
 @pytest_twisted.inlineCallbacks
-def test_failover_when_first_refuses():
+def test_failover_when_first_refuses(connect_path):
     """
     With a failover list, a refusing first destination is skipped and the second serves.
     """
@@ -176,10 +224,10 @@ def test_failover_when_first_refuses():
 
 
 @pytest_twisted.inlineCallbacks
-def test_destination_black_holed():
+def test_destination_black_holed(connect_path):
     """
     A destination that never answers (SYNs dropped: a full accept queue) ends the session with
-    connect-timeout after connect_timeout.
+    connect-timeout after connect_timeout, and the half-open socket is closed.
     """
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
@@ -188,12 +236,14 @@ def test_destination_black_holed():
     port = free_port()
     service, sink = start_service(mapping_config(port, [hole.getsockname()], extra="connect_timeout = 0.5"))
     try:
+        before = open_fds()
         client = Peer(payload=b"", half_close=False)
         yield connect(port, client)
         yield client.lost
         [event] = yield sink.disconnects(1)
         assert event["reason"] == "connect-timeout"
         assert 0.4 < event["duration"] < 10
+        yield wait_for(lambda: open_fds() <= before)
     finally:
         yield service.stopService()
         filler.close()
@@ -201,7 +251,7 @@ def test_destination_black_holed():
 
 
 @pytest_twisted.inlineCallbacks
-def test_destination_reset_mid_stream():
+def test_destination_reset_mid_stream(connect_path):
     """
     A destination that resets mid-stream makes the client see a reset too, not a clean end.
     """
@@ -213,7 +263,7 @@ def test_destination_reset_mid_stream():
         client = Peer(payload=os.urandom(1 * MB), half_close=False)
         yield connect(port, client)
         reason = yield client.lost
-        assert not isinstance(reason, ConnectionDone)
+        assert isinstance(reason, ConnectionLost) and not isinstance(reason, ConnectionDone)
         [event] = yield sink.disconnects(1)
         assert event["reason"] == "destination-closed"
     finally:

@@ -561,3 +561,49 @@ def test_without_a_free_pipe_reads_go_through_user_space(monkeypatch):
     client.sendall(b"no pipe")
     pump.client.doRead()
     assert drain(destination) == b"no pipe"
+
+
+@pytest.mark.parametrize("lingers", [True, False])
+def test_an_orderly_close_clears_the_linger_only_where_sockets_may_have_it(lingers):
+    """
+    A pump whose sockets may be set to reset on close (a worker's) clears that before an
+    orderly close, so both ends get FINs; one told they are not (a primary's) saves the two
+    calls, so a socket that did linger would be reset: the service must say which it is
+    (next test).
+    """
+    client, client_leg = tcp_pair()
+    destination, destination_leg = tcp_pair()
+    for s in (client_leg, destination_leg):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    reactor, owner = CheckingReactor(), Owner()
+    pump = SocketPump(reactor, client_leg, destination_leg, session(), owner, lingers=lingers)
+    pump.start()
+    client.shutdown(socket.SHUT_WR)
+    destination.shutdown(socket.SHUT_WR)
+    run(reactor)
+    assert owner.ended == [None]
+    if lingers:
+        assert at_end(client) and at_end(destination)
+    else:  # the side that had not had its FIN yet is reset instead
+        for s in (client, destination):
+            _wait_for_error(s)
+        assert _was_reset(client) or _was_reset(destination)
+
+
+@pytest_twisted.inlineCallbacks
+def test_only_a_workers_sessions_are_told_their_sockets_linger():
+    """
+    A primary's sockets never linger (its pumps skip clearing it); a worker's, set to reset if
+    the worker dies, do (its pumps clear it before an orderly close).
+    """
+    port = free_port()
+    service, sink = start_service(mapping_config(port, [("127.0.0.1", free_port())]))
+    try:
+        [factory] = service.factories.values()
+        assert factory.runtime.sockets_linger is False
+        service.worker_index = 1  # what a worker's runtime is built with
+        _, factories, _ = service._build(service.config)
+        assert [f.runtime.sockets_linger for f in factories.values()] == [True]
+    finally:
+        service.worker_index = 0
+        yield service.stopService()
