@@ -25,6 +25,7 @@ from wingate_map.relay._connect import DirectConnect, Route, direct_route, take_
 from wingate_map.relay._poller import ReactorDescriptors
 from wingate_map.service._workers import reset_on_death_reactor
 
+from .test_poller import ConnectOwner
 from .helpers import Peer, PeerFactory, free_port, mapping_config, start_service
 
 MB = 1 << 20
@@ -51,22 +52,6 @@ def no_endpoints(request, monkeypatch):
         raise AssertionError("endpoint path used")
 
     monkeypatch.setattr(_destinations.StandardEndpointFactory, "endpoint_for_destination", forbidden)
-
-
-class ConnectOwner:
-    """
-    Records how a hand-started connect ended (an IConnectOwner).
-    """
-
-    def __init__(self):
-        self.succeeded = []
-        self.failed = []
-
-    def connect_succeeded(self, connect):
-        self.succeeded.append(connect)
-
-    def connect_failed(self, failure, timed_out):
-        self.failed.append((failure, timed_out))
 
 
 def connect(port, peer):

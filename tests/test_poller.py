@@ -312,6 +312,14 @@ class ConnectOwner:
         self.failed.append((failure, timed_out))
 
 
+def start_connect(reactor, fds, address, preamble: bytes = b"", timeout: float = 30):
+    """
+    A hand-started connect to C{address} and the owner it reports to.
+    """
+    owner = ConnectOwner()
+    return DirectConnect(Route(reactor, socket.AF_INET, address, False), preamble, owner, timeout, fds), owner
+
+
 def test_the_connects_registration_becomes_the_pumps_with_one_modify():
     """
     A hand-started connect registers for writability; once connected, the pump's destination
@@ -321,8 +329,7 @@ def test_the_connects_registration_becomes_the_pumps_with_one_modify():
     poller, reactor, recorder = recording_poller()
     server = listener()
     try:
-        owner = ConnectOwner()
-        connect = DirectConnect(Route(reactor, socket.AF_INET, server.getsockname(), False), b"hello ", owner, 30, poller)
+        connect, owner = start_connect(reactor, poller, server.getsockname(), b"hello ", 30)
         fd = connect.fileno()
         run_poller(poller)
         assert owner.succeeded == [connect] and not owner.failed
@@ -358,8 +365,7 @@ def test_a_refused_connect_is_reported_once_and_unregistered():
     server = listener()
     address = server.getsockname()
     server.close()  # nothing listens there now: refused
-    owner = ConnectOwner()
-    connect = DirectConnect(Route(reactor, socket.AF_INET, address, False), b"", owner, 30, poller)
+    connect, owner = start_connect(reactor, poller, address)
     fd = connect.fileno()
     run_poller(poller)
     reactor.advance(0)  # (a refusal seen at once is reported a turn later)
@@ -380,8 +386,7 @@ def test_a_connect_that_never_completes_times_out_once():
     poller, reactor, recorder = recording_poller()
     server = listener()
     try:
-        owner = ConnectOwner()
-        connect = DirectConnect(Route(reactor, socket.AF_INET, server.getsockname(), False), b"", owner, 5, poller)
+        connect, owner = start_connect(reactor, poller, server.getsockname(), b"", 5)
         fd = connect.fileno()
         reactor.advance(5)  # the poller is never woken: the connect never completes for us
         [(failure, timed_out)] = owner.failed
@@ -401,8 +406,7 @@ def test_a_cancelled_connect_is_reported_cancelled():
     poller, reactor, recorder = recording_poller()
     server = listener()
     try:
-        owner = ConnectOwner()
-        connect = DirectConnect(Route(reactor, socket.AF_INET, server.getsockname(), False), b"", owner, 5, poller)
+        connect, owner = start_connect(reactor, poller, server.getsockname(), b"", 5)
         connect.cancel()
         connect.cancel()
         [(failure, timed_out)] = owner.failed
@@ -420,8 +424,7 @@ def test_the_connect_hands_over_on_the_reactors_fdset_too():
     reactor = MemoryReactorClock()
     server = listener()
     try:
-        owner = ConnectOwner()
-        connect = DirectConnect(Route(reactor, socket.AF_INET, server.getsockname(), False), b"", owner, 30)
+        connect, owner = start_connect(reactor, None, server.getsockname())
         assert reactor.writers == {connect}
         select.select([], [connect.fileno()], [], 10)
         connect.doWrite()
