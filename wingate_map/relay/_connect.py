@@ -6,8 +6,10 @@ For the common case, a plain TCP destination given as an IP literal (no endpoint
 TLS; a PROXY header is fine: the pump sends it first) with a plain TCP client leg and the
 socket pump on, the relay needs no Twisted transport, protocol, connector or endpoint for the
 destination leg: L{DirectConnect} creates the socket (non-blocking in the same call), starts
-C{connect_ex} and registers for writability with the data plane's poller; on writability
-C{SO_ERROR} says how the connect ended, and the relay hears it directly (L{IConnectOwner}: no
+C{connect_ex} and registers for writability with the data plane's poller; writability means
+connected, an error or hang-up event (C{SO_ERROR} says which) a failure (on a reactor's own
+descriptor set, which does not tell them apart, C{SO_ERROR} is asked at writability), and the
+relay hears it directly (L{IConnectOwner}: no
 Deferred, no closures; one timer, the connect timeout).  Success hands the socket, still
 registered, to the pump (its registration becomes the destination leg's with one modify); a
 failure (a refusal, an unreachable network) is reported with the same Twisted error a
@@ -153,21 +155,27 @@ class DirectConnect:
 
     def doRead(self) -> None:
         """
-        Never registered for reading (the poller may say an error is readable: L{doWrite} is
-        told too, and handles it).
+        Never registered for reading: the data plane's poller says this for an error or a
+        hang-up (a refused connect); SO_ERROR says which.
         """
+        sock = self.sock
+        if sock is not None and self.owner is not None:
+            self._failed(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED)
 
     def doWrite(self) -> None:
         """
-        Writable (or an error): the connect is over; SO_ERROR says how.
+        Writable (or, from the reactor, maybe an error): the connect is over.  From the data
+        plane's poller a failure came as L{doRead} first, so writable means connected; from
+        the reactor, SO_ERROR says how it ended.
         """
         sock = self.sock
         if sock is None or self.owner is None:
             return
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            self._failed(error)
-            return
+        if not self.fds.reports_errors:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._failed(error)
+                return
         owner, self.owner = self.owner, None
         self.timer.cancel()
         owner.connect_succeeded(self)

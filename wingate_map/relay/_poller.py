@@ -35,7 +35,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 _log = Logger()
 
@@ -58,6 +58,11 @@ class IDescriptors(Interface):
     C{connectionLost}, like the reactor's): C{old} and C{new} are the interest before and after,
     an OR of L{READ} and L{WRITE} (0: not registered).
     """
+
+    reports_errors = Attribute(
+        "True if an error or hang-up on a descriptor is always reported as a read event, also "
+        "when it is registered only for writing (then a write event alone means no error)."
+    )
 
     def set(descriptor: Any, fd: int, old: int, new: int) -> None:
         """
@@ -88,6 +93,8 @@ class EpollPoller:
     """
 
     __slots__ = ("reactor", "max_events", "_epoll", "_descriptors", "_dispatching", "_dropped")
+
+    reports_errors = True  # EPOLLERR / EPOLLHUP go to doRead first
 
     def __init__(self, reactor: Any, max_events: int = MAX_EVENTS) -> None:
         self.reactor = reactor
@@ -178,18 +185,19 @@ class EpollPoller:
             events = epoll.poll(0, self.max_events)
         except InterruptedError:
             return
-        descriptors = self._descriptors
+        get = self._descriptors.get
         dropped = self._dropped
+        readable, writable = _READABLE, _WRITABLE
         self._dispatching = True
         try:
             for fd, event in events:
-                descriptor = descriptors.get(fd)
+                descriptor = get(fd)
                 if descriptor is None or (dropped and fd in dropped):
                     continue  # unregistered since (the number may be a new socket's already)
                 try:
-                    if event & _READABLE:
+                    if event & readable:
                         descriptor.doRead()
-                    if event & _WRITABLE:
+                    if event & writable:
                         descriptor.doWrite()
                 except Exception:
                     self._lose(fd, descriptor, Failure())
@@ -239,6 +247,8 @@ class ReactorDescriptors:
     """
 
     __slots__ = ("reactor",)
+
+    reports_errors = False  # the reactor tells a writer only connectionLost, or doWrite
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
