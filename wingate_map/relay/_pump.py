@@ -287,15 +287,7 @@ class _Leg:
             return
         n = len(data)
         pump = self.pump
-        # (SocketPump._moved, inlined: this runs for every message)
-        if limiter is not None:
-            limiter.take(n)
-        if pump.track_idle:
-            pump.last_activity = pump.clock.seconds()
-        if self.side is CLIENT:
-            pump.session.bytes_from_client += n
-        else:
-            pump.session.bytes_to_client += n
+        pump._moved(self, n)
         peer = self.peer
         try:
             sent = peer.sock.send(data)  # type: ignore[union-attr]
