@@ -242,12 +242,14 @@ def _count(per_mapping: dict[str, int], per_client: dict[tuple[str, str], int], 
     Add C{change} to the counts of C{mapping} and of (C{mapping}, C{client_ip}), dropping
     counts that reach zero.
     """
-    keys: list[tuple[dict[Any, int], Any]] = [(per_mapping, mapping)]
+    _add(per_mapping, mapping, change)
     if client_ip is not None:
-        keys.append((per_client, (mapping, client_ip)))
-    for counts, key in keys:
-        left = counts.get(key, 0) + change
-        if left > 0:
-            counts[key] = left
-        else:
-            counts.pop(key, None)
+        _add(per_client, (mapping, client_ip), change)
+
+
+def _add(counts: dict[Any, int], key: Any, change: int) -> None:
+    left = counts.get(key, 0) + change
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

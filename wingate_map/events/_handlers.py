@@ -169,6 +169,8 @@ class ProgramHandler(_Base):
         programs run at once (L{None}: no limit).
     """
 
+    reads_events_only = True  # see EventHub: the environment is built from the shared event
+
     def __init__(self, handler: Handler, reactor: Any, slots: DeferredSemaphore | None = None) -> None:
         super().__init__(handler, reactor)
         self.slots = slots

@@ -12,16 +12,18 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from ..interfaces import IEventSink
 from ..printable import printable
+from ._batch import TurnBatch
 
 _log = Logger(namespace="wingate_map.events")  # the name log lines carried before the module moved here
 
@@ -33,10 +35,19 @@ class EventHub:
     A session refused before the handlers (over a limit, rejected by a rule, no destination)
     still has its ClientConnect and ClientDisconnect, but a sink whose C{hears_refused}
     attribute is C{False} (the configured C{run} and C{python} handlers) hears neither.
+
+    Each event is one dict, built once.  The built-in sinks, which only read it (their class
+    says so with C{reads_events_only = True}), all get that dict; any other sink (one
+    subscribed through the embedding API, a C{python} handler) gets a copy of its own, so what
+    it does to its dict reaches no other sink.
     """
 
     def __init__(self, sinks: list[IEventSink] | tuple[IEventSink, ...] = ()) -> None:
         self._sinks: list[IEventSink] = []
+        # (sink, whether it gets a copy) for every sink, and for those that hear refused
+        # sessions: worked out once per subscription, not per event.
+        self._chain: tuple[tuple[IEventSink, bool], ...] = ()
+        self._refused_chain: tuple[tuple[IEventSink, bool], ...] = ()
         for sink in sinks:
             self.subscribe(sink)
 
@@ -53,6 +64,7 @@ class EventHub:
         """
         verifyObject(IEventSink, sink)
         self._sinks.append(sink)
+        self._plan()
 
     def unsubscribe(self, sink: IEventSink) -> None:
         """
@@ -60,11 +72,12 @@ class EventHub:
         """
         if sink in self._sinks:
             self._sinks.remove(sink)
+            self._plan()
 
-    def _hearing(self, refused: bool) -> list[IEventSink]:
-        if not refused:
-            return list(self._sinks)
-        return [sink for sink in self._sinks if getattr(sink, "hears_refused", True)]
+    def _plan(self) -> None:
+        chain = tuple((sink, getattr(sink, "reads_events_only", False) is not True) for sink in self._sinks)
+        self._chain = chain
+        self._refused_chain = tuple(link for link in chain if getattr(link[0], "hears_refused", True))
 
     def client_connect(self, event: dict[str, Any], refused: bool = False) -> bool | Deferred[bool]:
         """
@@ -76,23 +89,24 @@ class EventHub:
             with that answer if a sink answered with a Deferred (synchronous sinks cost no
             Deferred: this runs for every connection).
         """
-        return self._offer(self._hearing(refused), 0, event)
+        return self._offer(self._refused_chain if refused else self._chain, 0, event)
 
-    def _offer(self, sinks: list[IEventSink], index: int, event: dict[str, Any]) -> bool | Deferred[bool]:
-        while index < len(sinks):
-            sink = sinks[index]
+    def _offer(self, chain: tuple[tuple[IEventSink, bool], ...], index: int, event: dict[str, Any]) -> bool | Deferred[bool]:
+        while index < len(chain):
+            sink, copy = chain[index]
             try:
-                result = sink.client_connect(dict(event))
+                result = sink.client_connect(dict(event) if copy else event)
             except Exception:
                 _log.failure("event sink {sink!r} failed on ClientConnect of session {session}; blocking it", sink=sink, session=event["session"])
                 return False
-            if isinstance(result, Deferred):
-                return result.addCallbacks(
-                    lambda allowed, i=index: self._offer(sinks, i + 1, event) if allowed is not False else False,
-                    lambda failure, s=sink: _blocked_by_failure(failure, s, event),
-                )
-            if result is False:
-                return False
+            if result is not None and result is not True:
+                if isinstance(result, Deferred):
+                    return result.addCallbacks(
+                        lambda allowed, i=index: self._offer(chain, i + 1, event) if allowed is not False else False,
+                        lambda failure, s=sink: _blocked_by_failure(failure, s, event),
+                    )
+                if result is False:
+                    return False
             index += 1
         return True
 
@@ -101,13 +115,13 @@ class EventHub:
         Tell each sink about ClientDisconnect (of a session C{refused} before the handlers:
         only those that hear refused sessions); failures are logged, never raised.
         """
-        for sink in self._hearing(refused):
+        for sink, copy in self._refused_chain if refused else self._chain:
             try:
-                result = sink.client_disconnect(dict(event))
+                result = sink.client_disconnect(dict(event) if copy else event)
             except Exception:
                 _log.failure("event sink {sink!r} failed on ClientDisconnect of session {session}", sink=sink, session=event["session"])
                 continue
-            if isinstance(result, Deferred):
+            if result is not None and isinstance(result, Deferred):
                 result.addErrback(
                     lambda f, s=sink: _log.failure("event sink {sink!r} failed on ClientDisconnect of session {session}", f, sink=s, session=event["session"])
                 )
@@ -180,31 +194,79 @@ class LogSink:
     text line escapes every field that can come from a client or a certificate (client
     address, user, server name, destinations) with L{printable}: a control character or escape
     sequence shows as C{\\x1b}, it never reaches a log file or a terminal as itself.
+
+    Given the service's own log observer (L{wingate_map.events.ServiceLogObserver}, which
+    twistd and a C{.tac} that calls L{install} log through), an event below the observer's
+    C{log_level} is not emitted at all: that observer is then the only one twistd feeds, and
+    it would drop the event.  Without one (an embedded service, whose application has its own
+    observers), every event is emitted, whatever the level.
     """
 
-    log = Logger(namespace="wingate_map.events")
+    reads_events_only = True  # see EventHub: it gets the event every built-in sink shares
 
     # The text is built with an f-string and logged as "{text}" (formatting a 14-field format
     # string through twisted.logger for every connection costs more than the relay), and only
-    # when an observer formats the event (see _Line).
+    # when an observer formats the event (see _Line).  The event is published to the
+    # logger's observer as Logger.emit would build it (the same keys), without emit's checks.
+
+    def __init__(self, observer: Any = None) -> None:
+        """
+        @param observer: the service's L{ServiceLogObserver}, when it is the one log observer.
+        """
+        self._observer = observer
+        self.log = Logger(namespace="wingate_map.events", source=self)
+
+    def _emit(self, build: Any, event: dict[str, Any]) -> None:
+        observer = self._observer
+        if observer is not None and not observer.wants(LogLevel.info):
+            return
+        log = self.log
+        log.observer(
+            {
+                "text": _Line(build, event),
+                **event,
+                "log_logger": log,
+                "log_level": LogLevel.info,
+                "log_namespace": log.namespace,
+                "log_source": log.source,
+                "log_format": "{text}",
+                "log_time": time.time(),
+            }
+        )
 
     def client_connect(self, event: dict[str, Any]) -> None:
         """
         Log ClientConnect.
         """
-        self.log.info("{text}", text=_Line(_connect_text, event), **event)
+        self._emit(_connect_text, event)
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """
         Log ClientDisconnect.
         """
-        self.log.info("{text}", text=_Line(_disconnect_text, event), **event)
+        self._emit(_disconnect_text, event)
 
 
 AUDIT_LOG_MODE = 0o640
 
-# One encoder for every line (json.dumps with options builds a new one per call).
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _line_encoder() -> Any:
+    """
+    The audit log's JSON encoder, built once: C{json.dumps(separators=(",", ":"))}'s output
+    (ASCII only), without building an encoder per call as C{JSONEncoder.encode} does (the C
+    one, when the interpreter has it; an event is a flat dict of fresh values, so no cycle
+    check).
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    iterencode = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    return lambda event: "".join(iterencode(event, 0))
+
+
+_encode = _line_encoder()
 
 
 def _open_audit_log(path: str) -> int:
@@ -239,37 +301,60 @@ def _open_audit_log(path: str) -> int:
 @implementer(IEventSink)
 class AuditLogSink:
     """
-    Every event as one JSON object on a line of a file, appended (one C{write} per line) as it
-    happens.  The file is created C{0640} and never opened through a symbolic link; L{reopen}
-    opens the path anew, for log rotation (move the file away, then reload).
+    Every event as one JSON object on a line of a file, appended as it happens.  The file is
+    created C{0640} and never opened through a symbolic link; L{reopen} opens the path anew, for
+    log rotation (move the file away, then reload).
+
+    Given a reactor, the lines of one reactor turn are written together, in order, with one
+    C{write} of whole lines at the end of the turn (see L{TurnBatch}: also when 64 KiB are
+    pending, before a reopen, at L{close} and at reactor shutdown); without one, each line is
+    written as it comes.  Either way every C{write} holds whole lines only, so worker processes
+    appending to the same file (C{O_APPEND}) never split or overwrite each other's lines.
     """
 
-    def __init__(self, path: str) -> None:
+    reads_events_only = True  # see EventHub: it gets the event every built-in sink shares
+
+    def __init__(self, path: str, reactor: Any = None) -> None:
         self.path = path
         self._fd: int | None = _open_audit_log(path)
+        self._batch = TurnBatch(self._write_text, reactor)
 
     def reopen(self) -> None:
         """
         Open the path anew and write there from now on (logrotate moved the file away, or it
-        was deleted); the file written so far is closed.
+        was deleted); the file written so far is closed, with every line given before.
 
         @raise OSError: the path cannot be opened (e.g. it is now a symbolic link); the file
             written so far stays in use.
         """
         fd = _open_audit_log(self.path)
-        old, self._fd = self._fd, fd
-        if old is not None:
-            os.close(old)
+        try:
+            self._batch.flush()
+        finally:
+            old, self._fd = self._fd, fd
+            if old is not None:
+                os.close(old)
 
-    def _write(self, event: dict[str, Any]) -> None:
+    def flush(self) -> None:
+        """
+        Write the lines still waiting for the end of the reactor turn, now.
+        """
+        self._batch.flush()
+
+    def _write_text(self, text: str) -> None:
         if self._fd is None:
             raise ValueError(f"audit log {self.path} is closed")
-        data = memoryview((_encode(event) + "\n").encode("utf-8"))
+        data = memoryview(text.encode("utf-8"))
         while data:  # a regular file takes all of it at once unless the disk is full
             written = os.write(self._fd, data)
             if written <= 0:
                 raise OSError(errno.EIO, f"audit log {self.path}: nothing could be written")
             data = data[written:]
+
+    def _write(self, event: dict[str, Any]) -> None:
+        if self._fd is None:
+            raise ValueError(f"audit log {self.path} is closed")
+        self._batch.add(_encode(event) + "\n")
 
     def client_connect(self, event: dict[str, Any]) -> None:
         """
@@ -285,8 +370,11 @@ class AuditLogSink:
 
     def close(self) -> None:
         """
-        Close the file (again: nothing happens).
+        Write what is pending and close the file (again: nothing happens).
         """
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self._batch.flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None

@@ -22,6 +22,8 @@ from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from ..sessions import utc_iso
+from ._batch import TurnBatch
+from ._hub import _Line
 
 # sd-daemon(3) priority prefixes: journald strips them and sets PRIORITY (no time of ours:
 # journald stamps every line itself).
@@ -69,6 +71,18 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _own_message(event: dict[str, Any]) -> str | None:
+    """
+    The message of a ClientConnect / ClientDisconnect line (L{LogSink}'s C{"{text}"} events),
+    which twisted.logger's formatter would give too, without its C{string.Formatter} work;
+    L{None} for any other event.
+    """
+    text = event.get("text")
+    if type(text) is _Line and event.get("log_format") == "{text}" and "log_flattened" not in event and "log_failure" not in event:
+        return str(text)
+    return None
+
+
 def event_as_json(event: dict[str, Any]) -> str:
     """
     C{event} as one line of JSON: C{log_time} (UTC ISO 8601), C{log_level}, C{log_namespace},
@@ -81,7 +95,7 @@ def event_as_json(event: dict[str, Any]) -> str:
         "log_time": utc_iso(event.get("log_time") or 0.0),
         "log_level": getattr(level, "name", None),
         "log_namespace": event.get("log_namespace"),
-        "log_text": formatEvent(event),
+        "log_text": _own_message(event) or formatEvent(event),
     }
     failure = event.get("log_failure")
     if failure is not None:
@@ -117,9 +131,27 @@ def _format_time(when: float | None) -> str:
     return _last_second[1]
 
 
+def _classic(event: dict[str, Any], timestamp: bool) -> str | None:
+    """
+    twisted.logger's C{formatEventAsClassicLogText} (with C{timestamp}, else C{eventAsText}
+    without the time, continuation lines indented), byte for byte; for our own event lines
+    (L{_own_message}) built directly, since every connection writes two.
+    """
+    message = _own_message(event)
+    if not message or event.get("log_system") is not None:
+        if timestamp:
+            return formatEventAsClassicLogText(event, formatTime=_format_time)
+        text = eventAsText(event, includeTimestamp=False)
+        return text.replace("\n", "\n\t") + "\n" if text else None
+    level = event.get("log_level")
+    system = f"[{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}] "
+    line = f"{_format_time(event.get('log_time'))} {system}{message}" if timestamp else system + message
+    return line.replace("\n", "\n\t") + "\n"
+
+
 def _text(event: dict[str, Any]) -> str | None:
     # twistd's own format: "2024-05-01T10:00:00+0000 [namespace#info] message\n".
-    return formatEventAsClassicLogText(event, formatTime=_format_time)
+    return _classic(event, True)
 
 
 def _json(event: dict[str, Any]) -> str:
@@ -128,8 +160,7 @@ def _json(event: dict[str, Any]) -> str:
 
 def _journal_text(event: dict[str, Any]) -> str | None:
     # twistd's format without the time: journald stamps every line itself.
-    text = eventAsText(event, includeTimestamp=False)
-    return text.replace("\n", "\n\t") + "\n" if text else None
+    return _classic(event, False)
 
 
 def _journal(line: Callable[[dict[str, Any]], str | None]) -> Callable[[dict[str, Any]], str | None]:
@@ -148,6 +179,11 @@ def _journal(line: Callable[[dict[str, Any]], str | None]) -> Callable[[dict[str
     return formatted
 
 
+# Lines at these levels are written (with every line before them) at once, not at the end of
+# the reactor turn: what goes wrong is on disk before anything else happens.
+_AT_ONCE = frozenset((LogLevel.warn, LogLevel.error, LogLevel.critical))
+
+
 @implementer(ILogObserver)
 class ServiceLogObserver:
     """
@@ -155,16 +191,25 @@ class ServiceLogObserver:
     one event per line (continuation lines of a text traceback start with a tab).  It follows
     the running configuration: after a reload the new level and format apply.
 
+    Given a reactor, the info and debug lines of one reactor turn are written (and C{out}
+    flushed) once, at the end of the turn (see L{TurnBatch}: also when 64 KiB are pending, and
+    at reactor shutdown); a warning or worse is written at once, after every line before it.
+    Lines logged while the reactor is not running, or from another thread, are written at once.
+
     @ivar journal: whether C{out} is systemd's journal (priority prefixes, no timestamp).
     """
 
-    def __init__(self, service: Any, out: IO[str], journal: bool | None = None) -> None:
+    def __init__(self, service: Any, out: IO[str], journal: bool | None = None, reactor: Any = None) -> None:
+        """
+        @param reactor: whose turns batch the lines; L{None}: every line is written at once.
+        """
         self._service = service
         self._out = out
         self.journal = is_journal(out) if journal is None else journal
         self._settings: Any = None
         self._levels: frozenset[Any] = frozenset()
         self._format: Callable[[dict[str, Any]], str | None] = _text
+        self._batch = TurnBatch(self._write, reactor)
         self._follow()
 
     def _follow(self) -> Any:
@@ -178,6 +223,24 @@ class ServiceLogObserver:
                 self._format = _journal(_journal_text) if self.journal else _text
         return settings
 
+    def wants(self, level: Any) -> bool:
+        """
+        Whether an event at C{level} would be written (under the running configuration).
+        """
+        if self._service.config.service is not self._settings:
+            self._follow()
+        return level in self._levels
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
+
+    def flush(self) -> None:
+        """
+        Write the lines still waiting for the end of the reactor turn, now.
+        """
+        self._batch.flush()
+
     def __call__(self, event: dict[str, Any]) -> None:
         """
         Write C{event} if its level is at or above the threshold.
@@ -186,13 +249,17 @@ class ServiceLogObserver:
         # FilteringLogObserver with LogLevelFilterPredicate costs about 1 µs more per event.)
         if self._service.config.service is not self._settings:
             self._follow()
-        if event.get("log_level", LogLevel.info) not in self._levels:
+        level = event.get("log_level", LogLevel.info)
+        if level not in self._levels:
             return
         text = self._format(event)
         if not text:
             return
-        self._out.write(text)
-        self._out.flush()
+        if level in _AT_ONCE:
+            self._batch.flush()
+            self._write(text)
+        else:
+            self._batch.add(text)
 
 
 def _open_log_file(path: str) -> IO[str]:
@@ -246,6 +313,7 @@ def install(application: Any, service: Any, twistd_options: Any) -> ServiceLogOb
     out = twistd_output(twistd_options)
     if out is None:
         return None
-    observer = ServiceLogObserver(service, out)
+    observer = ServiceLogObserver(service, out, reactor=getattr(service, "reactor", None))
+    service.log_observer = observer
     application.setComponent(ILogObserver, observer)
     return observer

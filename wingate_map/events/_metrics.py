@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterable
 
+from attrs import frozen
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -133,6 +134,8 @@ class Metrics:
         outside the registry: the exposed C{wingatemap_bytes_total} adds the live sessions').
     """
 
+    reads_events_only = True  # see EventHub: it gets the event every built-in sink shares
+
     def __init__(
         self,
         sessions: Any,
@@ -165,6 +168,7 @@ class Metrics:
         self.mappings: dict[str, None] = {}
         self._ended: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._per_mapping: dict[str, _MappingCounters] = {}  # the children each event counts
         self._snapshots: dict[int, tuple[int, list[Metric]]] = {}  # pid -> (worker, families)
         self._retired: dict[str, Metric] = {}  # exited workers' last counters
         self._silent: set[int] = set()  # workers whose failure to answer is logged already
@@ -217,8 +221,8 @@ class Metrics:
         Count an accepted connection.
         """
         mapping = event["mapping"]
-        self._mapping(mapping)
-        self._child(self.accepted, mapping).inc()
+        counters = self._per_mapping.get(mapping) or self._counters(mapping)
+        counters.accepted.inc()
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """
@@ -228,22 +232,42 @@ class Metrics:
         counters, as it last answered a scrape, already hold them.
         """
         mapping, reason = event["mapping"], event["reason"]
-        self._mapping(mapping)
-        self._child(self.ended, mapping, reason).inc()
+        counters = self._per_mapping.get(mapping) or self._counters(mapping)
+        ended = counters.ended.get(reason)
+        if ended is None:  # a reason outside REASONS: its series from now on
+            ended = counters.ended[reason] = self._child(self.ended, mapping, reason)
+        ended.inc()
         if reason in REFUSALS:
-            self._child(self.refused, mapping, reason).inc()
+            counters.refused[reason].inc()
         if reason == "lost":
             return
-        for direction in DIRECTIONS:
-            count = event[f"bytes_{direction}"]
-            if count:
-                self._child(self.bytes, mapping, direction).inc(count)
+        count = event["bytes_from_client"]
+        if count:
+            counters.from_client.inc(count)
+        count = event["bytes_to_client"]
+        if count:
+            counters.to_client.inc(count)
         session_id = event["session"]
         if self.sessions.get(session_id) is not None:
             # Still listed until the relay removes it: a scrape until then must skip it.
             if len(self._ended) >= _PRUNE_AT:
                 self._ended = {i for i in self._ended if self.sessions.get(i) is not None}
             self._ended.add(session_id)
+
+    def _counters(self, mapping: str) -> "_MappingCounters":
+        """
+        C{mapping}'s per-event counters, made (with every series of the mapping) once.
+        """
+        self._mapping(mapping)
+        counters = self._per_mapping[mapping] = _MappingCounters(
+            self._child(self.accepted, mapping),
+            {reason: self._child(self.ended, mapping, reason) for reason in REASONS},
+            {reason: self._child(self.refused, mapping, reason) for reason in REFUSALS},
+            self._child(self.bytes, mapping, "from_client"),
+            self._child(self.bytes, mapping, "to_client"),
+            self._child(self.connect_latency, mapping),
+        )
+        return counters
 
     def not_a_session(self, mapping: str, reason: str) -> None:
         """
@@ -256,7 +280,8 @@ class Metrics:
         """
         A destination connected after C{seconds}.
         """
-        self._child(self.connect_latency, mapping).observe(seconds)
+        counters = self._per_mapping.get(mapping) or self._counters(mapping)
+        counters.latency.observe(seconds)
 
     def destination_checked(self, mapping: str, rule: int | str, destination: str, passed: bool) -> None:
         """
@@ -376,6 +401,21 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+
+@frozen
+class _MappingCounters:
+    """
+    The labelled children a mapping's events count, looked up once: per event, no label
+    tuple is built and no child looked up by its labels.
+    """
+
+    accepted: Any
+    ended: dict[str, Any]  # by reason
+    refused: dict[str, Any]  # by reason
+    from_client: Any
+    to_client: Any
+    latency: Any
 
 
 class _Families:

@@ -53,6 +53,7 @@ class AuditLog(Resource):
     """
 
     name = "audit-log"
+    reads_events_only = True  # the EventHub's shared event (wingate_map.events.EventHub)
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -61,7 +62,7 @@ class AuditLog(Resource):
 
     def _open_file(self, path: str) -> AuditLogSink:
         try:
-            sink = AuditLogSink(path)
+            sink = AuditLogSink(path, getattr(self.parent, "reactor", None))  # batched per reactor turn
             _give(path, self.run_as)
         except OSError as e:
             raise WingateMapError(f"service.audit_log: cannot open {path}: {e.strerror or e}") from None

@@ -92,7 +92,11 @@ class WingateMapService(MultiService):
         (the default) decides at start: standalone when twistd starts it (the plugin, any
         C{.tac}), which calls L{privilegedStartService}; embedded (no process-wide change)
         when the application calls L{startService}.
+    @ivar log_observer: the L{wingate_map.events.ServiceLogObserver} twistd logs through, when
+        the service installed it (events below its level are then not emitted), else L{None}.
     """
+
+    log_observer: Any = None
 
     def __init__(
         self,
@@ -312,7 +316,7 @@ class WingateMapService(MultiService):
         # Unchanged destination lists keep their balancer and health across a reload.
         self._kept_lists = {found.key: found for found in self.destination_lists()}
         # A worker reports each session to the primary first, before any handler can delay it.
-        sinks = ([self._link] if self._link is not None else []) + [LogSink()] + ([self._audit] if config.service.audit_log else []) + self._stream_sinks() + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
+        sinks = ([self._link] if self._link is not None else []) + [LogSink(self.log_observer)] + ([self._audit] if config.service.audit_log else []) + self._stream_sinks() + [self.metrics] + build_handlers(config.handlers, self.reactor, config.max_running) + self._subscribed
         events = EventHub(sinks)
         # A worker's outgoing sockets, like its accepted ones, are reset if the worker dies.
         endpoints = self._endpoints or StandardEndpointFactory(self.reactor if self.worker_index == 0 else reset_on_death_reactor(self.reactor))
