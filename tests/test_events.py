@@ -288,6 +288,29 @@ def test_lines_pending_at_shutdown_are_written():
     assert "during" in reactor.triggers and "after" not in reactor.triggers
     _fire_shutdown(reactor, "during")
     assert out.getvalue().endswith("] last words\n")
+    reactor.running = False  # as the reactor's own "during shutdown" trigger does
+    log.info("main loop terminated")
+    assert out.getvalue().endswith("] main loop terminated\n")
+
+
+def test_one_turn_end_for_every_batch_of_a_reactor(tmp_path):
+    """
+    The log and the audit log waiting for the same turn's end cost one delayed call, not one
+    each; the next turn schedules the next one.
+    """
+    reactor = _running_reactor()
+    observer, out, log = _observer(reactor)
+    audit = AuditLogSink(str(tmp_path / "events.jsonl"), reactor)
+    log.info("a line")
+    audit.client_connect(_event(1))
+    log.info("another")
+    assert len(reactor.getDelayedCalls()) == 1
+    reactor.advance(0)
+    assert out.getvalue().count("\n") == 2 and _lines(tmp_path / "events.jsonl") == [_event(1)]
+    assert reactor.getDelayedCalls() == []
+    audit.client_connect(_event(2))
+    assert len(reactor.getDelayedCalls()) == 1
+    audit.close()
 
 
 def test_a_large_batch_is_written_without_waiting():

@@ -7,15 +7,61 @@ the start of the next turn, before the reactor waits for I/O again), when it gro
 limit, when its owner asks (a warning, a close, a reopen) and when the reactor shuts down.
 While no reactor runs it (before C{run}, after C{stop}), and for text from another thread,
 nothing waits: the batch is written first, then the text, in order.
+
+Every batch of a reactor waits on one C{callLater(0)} per turn (L{_TurnEnd}), not one each: the
+only state this module keeps beyond its batches, a weak map from a reactor to its L{_TurnEnd},
+which holds nothing once the turn's batches are written.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable
 
 # A batch past this many characters is written at once (a burst never holds much memory).
 LIMIT = 64 * 1024
+
+
+class _TurnEnd:
+    """
+    The batches of one reactor waiting for the end of the current turn, written by one
+    C{callLater(0)}.
+    """
+
+    __slots__ = ("_reactor", "_waiting", "__weakref__")
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._waiting: list[TurnBatch] = []
+
+    def wait(self, batch: "TurnBatch") -> None:
+        """
+        Write C{batch} when the turn ends.
+        """
+        if not self._waiting:
+            self._reactor.callLater(0, self._ended)
+        self._waiting.append(batch)
+
+    def _ended(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for batch in waiting:
+            batch._turn_ended()
+
+
+_turn_ends: "weakref.WeakKeyDictionary[Any, _TurnEnd]" = weakref.WeakKeyDictionary()
+
+
+def _turn_end(reactor: Any) -> _TurnEnd:
+    try:
+        return _turn_ends[reactor]
+    except (KeyError, TypeError):  # TypeError: a reactor that takes no weak reference
+        end = _TurnEnd(reactor)
+        try:
+            _turn_ends[reactor] = end
+        except TypeError:
+            pass
+        return end
 
 
 class TurnBatch:
@@ -25,7 +71,7 @@ class TurnBatch:
     @ivar pending: the text not written yet, in order.
     """
 
-    __slots__ = ("_write", "_reactor", "_thread", "_scheduled", "_shutdown_hooked", "pending", "_size", "limit")
+    __slots__ = ("_write", "_reactor", "_end", "_thread", "_scheduled", "pending", "_size", "limit")
 
     def __init__(self, write: Callable[[str], object], reactor: Any = None, limit: int = LIMIT) -> None:
         """
@@ -36,9 +82,9 @@ class TurnBatch:
         """
         self._write = write
         self._reactor = reactor
+        self._end: _TurnEnd | None = None
         self._thread = threading.get_ident()  # the reactor's thread: the one that builds us
         self._scheduled = False
-        self._shutdown_hooked = False
         self.pending: list[str] = []
         self._size = 0
         self.limit = limit
@@ -48,6 +94,13 @@ class TurnBatch:
         Write C{text} after what came before it: at the end of the reactor turn, or at once if
         nothing will end the turn (see the module docstring).
         """
+        if self._scheduled and threading.get_ident() == self._thread:
+            # The turn's end is on its way (so the reactor runs): the common case.
+            self.pending.append(text)
+            self._size += len(text)
+            if self._size >= self.limit:
+                self.flush()
+            return
         reactor = self._reactor
         if reactor is None or not getattr(reactor, "running", True) or threading.get_ident() != self._thread:
             if self.pending:
@@ -58,20 +111,24 @@ class TurnBatch:
         self._size += len(text)
         if self._size >= self.limit:
             self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            if not self._shutdown_hooked:
-                self._hook_shutdown(reactor)
-            reactor.callLater(0, self._turn_ended)
-
-    def _hook_shutdown(self, reactor: Any) -> None:
-        # "during": before any "after shutdown" trigger (one may end the process at once).
-        self._shutdown_hooked = True
-        hook = getattr(reactor, "addSystemEventTrigger", None)
-        if hook is not None:
-            hook("during", "shutdown", self.flush)
+            return
+        end = self._end
+        if end is None:
+            end = self._end = _turn_end(reactor)
+            # "during": before any "after shutdown" trigger (one may end the process at once).
+            hook = getattr(reactor, "addSystemEventTrigger", None)
+            if hook is not None:
+                hook("during", "shutdown", self._shut_down)
+        self._scheduled = True
+        end.wait(self)
 
     def _turn_ended(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def _shut_down(self) -> None:
+        # The turn's end will not come: from now on (the reactor no longer runs) text is
+        # written as it comes.
         self._scheduled = False
         self.flush()
 
