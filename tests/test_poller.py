@@ -459,3 +459,21 @@ def test_a_reset_polled_as_an_error_reaches_the_other_side_as_a_reset():
     run_poller(poller)
     assert owner.ended == [CLIENT] and owner.eofs == []
     assert _was_reset(destination) and len(poller) == 0
+
+
+def test_a_pump_lost_with_the_poller_ends_once_and_closes_both_sockets():
+    """
+    When the reactor stops and drops the poller, a pump registered on it is told its legs are
+    lost: it resets both connections and ends once, although the poller has nothing
+    registered any more when the pump unregisters its second leg.
+    """
+    poller, reactor, recorder = recording_poller()
+    client, client_leg = tcp_pair()
+    destination, destination_leg = tcp_pair()
+    owner = Owner()
+    pump = SocketPump(reactor, client_leg, destination_leg, session(), owner, fds=poller)
+    pump.start()
+    poller.connectionLost(None)
+    assert owner.ended == [CLIENT]
+    assert pump.client.fileno() == pump.destination.fileno() == -1
+    assert _was_reset(client) and _was_reset(destination)

@@ -133,8 +133,9 @@ class EpollPoller:
                 epoll.register(fd, new)
             self._descriptors[fd] = descriptor
         elif old:
-            self._epoll.unregister(fd)
-            del self._descriptors[fd]
+            if self._descriptors.pop(fd, None) is not None and self._epoll is not None:
+                self._epoll.unregister(fd)
+            # (else the poller was closed or lost under it: nothing is registered any more)
             if self._dispatching:
                 self._dropped.add(fd)
 
