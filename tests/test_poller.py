@@ -440,10 +440,10 @@ def test_the_connect_hands_over_on_the_reactors_fdset_too():
         server.close()
 
 
-def test_a_reset_polled_as_an_error_reaches_the_other_side_as_a_reset():
+def pump_on_poller():
     """
-    On the poller a leg hears an error or hang-up itself and its recv decides: a client's
-    reset resets the destination (never a FIN), with no end of input reported.
+    A started pump between two fresh connections, on a poller: (poller, pump, owner, the
+    client's own end, the destination's own end).
     """
     poller, reactor, recorder = recording_poller()
     client, client_leg = tcp_pair()
@@ -451,6 +451,15 @@ def test_a_reset_polled_as_an_error_reaches_the_other_side_as_a_reset():
     owner = Owner()
     pump = SocketPump(reactor, client_leg, destination_leg, session(), owner, fds=poller)
     pump.start()
+    return poller, pump, owner, client, destination
+
+
+def test_a_reset_polled_as_an_error_reaches_the_other_side_as_a_reset():
+    """
+    On the poller a leg hears an error or hang-up itself and its recv decides: a client's
+    reset resets the destination (never a FIN), with no end of input reported.
+    """
+    poller, pump, owner, client, destination = pump_on_poller()
     client.sendall(b"partial")
     run_poller(poller)
     assert drain(destination) == b"partial"
@@ -467,12 +476,7 @@ def test_a_pump_lost_with_the_poller_ends_once_and_closes_both_sockets():
     lost: it resets both connections and ends once, although the poller has nothing
     registered any more when the pump unregisters its second leg.
     """
-    poller, reactor, recorder = recording_poller()
-    client, client_leg = tcp_pair()
-    destination, destination_leg = tcp_pair()
-    owner = Owner()
-    pump = SocketPump(reactor, client_leg, destination_leg, session(), owner, fds=poller)
-    pump.start()
+    poller, pump, owner, client, destination = pump_on_poller()
     poller.connectionLost(None)
     assert owner.ended == [CLIENT]
     assert pump.client.fileno() == pump.destination.fileno() == -1
