@@ -25,6 +25,7 @@ clears it before an orderly close.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 from typing import Any
@@ -42,6 +43,9 @@ from ._pump import _LINGER_RESET, _tcp_transport, take_over
 
 _STARTED = (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN)
 _STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# Parsing an address costs about 2 µs a connect; destinations repeat (the configured ones, or
+# the original destinations of intercepted connections: bounded).
+_version_of = functools.lru_cache(maxsize=1024)(_ip_version)
 
 
 @frozen
@@ -79,7 +83,7 @@ def direct_route(reactor: Any, endpoints: Any, destination: Any, client_transpor
     host, port = destination.host, destination.port
     if host is None or port is None:
         return None
-    version = _ip_version(host)
+    version = _version_of(host)
     if version is None or not IReactorFDSet.providedBy(reactor) or _tcp_transport(client_transport) is None:
         return None
     if version == 4:
