@@ -463,3 +463,19 @@ def test_metrics_count_events_of_a_new_mapping():
     assert 'wingatemap_connections_refused_total{mapping="web",reason="limit"} 1.0' in text
     assert 'wingatemap_sessions_ended_total{mapping="web",reason="odd"} 1.0' in text
     assert 'wingatemap_bytes_total{direction="from_client",mapping="web"} 6.0' in text
+
+
+@pytest.mark.parametrize("seconds", [1_700_000_000.0, 1_700_000_000.0005, 1_700_000_000.5, 1_700_000_000.999999, 1_700_000_001.25, -1.5])
+def test_event_time_is_utc_iso_with_milliseconds(seconds):
+    """
+    An event's time is UTC ISO 8601 with the milliseconds truncated, whatever the second
+    (also the same second again, the next one, and before 1970).
+    """
+    from datetime import datetime, timezone
+
+    from wingate_map.sessions import utc_iso
+
+    whole = int(seconds)
+    millis = min(999, int((seconds - whole) * 1000))
+    expected = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{millis:03d}Z"
+    assert utc_iso(seconds) == expected and utc_iso(seconds) == expected

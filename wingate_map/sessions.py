@@ -16,6 +16,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred
 
 _last_second: list[Any] = [None, ""]
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))  # the end of every utc_iso
 
 
 def utc_iso(seconds: float) -> str:
@@ -27,8 +28,10 @@ def utc_iso(seconds: float) -> str:
     if _last_second[0] != whole:
         _last_second[0] = whole
         _last_second[1] = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    millis = min(999, int((seconds - whole) * 1000))
-    return f"{_last_second[1]}.{millis:03d}Z"
+    millis = int((seconds - whole) * 1000)
+    if 0 <= millis < 1000:
+        return _last_second[1] + _MILLIS[millis]
+    return f"{_last_second[1]}.{min(999, millis):03d}Z"
 
 
 @define(eq=False)
