@@ -313,6 +313,29 @@ def test_one_turn_end_for_every_batch_of_a_reactor(tmp_path):
     audit.close()
 
 
+def test_a_failed_write_stops_no_other_batch():
+    """
+    When one batch cannot be written at the end of a turn (a full disk), the others of the
+    turn are written all the same, the failure reaches the reactor (which logs it), and the
+    failed batch waits for the next turn's end again with its next line.
+    """
+    reactor = _running_reactor()
+    written: list[str] = []
+
+    def full(text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    broken, fine = TurnBatch(full, reactor), TurnBatch(written.append, reactor)
+    broken.add("lost\n")
+    fine.add("kept\n")
+    with pytest.raises(OSError):
+        reactor.advance(0)
+    assert written == ["kept\n"]
+    broken.add("again\n")
+    fine.add("more\n")
+    assert len(reactor.getDelayedCalls()) == 1
+
+
 def test_a_large_batch_is_written_without_waiting():
     """
     A burst never holds more than the batch's limit: past it, what is pending is written.

@@ -45,8 +45,14 @@ class _TurnEnd:
 
     def _ended(self) -> None:
         waiting, self._waiting = self._waiting, []
+        failed: BaseException | None = None
         for batch in waiting:
-            batch._turn_ended()
+            try:
+                batch._turn_ended()
+            except Exception as e:  # one batch's failed write (a full disk) stops no other
+                failed = failed or e
+        if failed is not None:
+            raise failed  # the reactor logs it
 
 
 _turn_ends: "weakref.WeakKeyDictionary[Any, _TurnEnd]" = weakref.WeakKeyDictionary()
