@@ -412,6 +412,41 @@ def test_audit_lines_of_a_turn_arrive_whole_in_order_in_one_write(tmp_path, writ
     sink.close()
 
 
+def test_after_a_failed_write_an_unrecorded_client_connect_blocks_its_session(tmp_path, monkeypatch):
+    """
+    When the audit log cannot be written (a full disk), the failure is reported at the end of
+    the turn; from then on a session whose ClientConnect cannot be written at once is blocked,
+    and once the disk takes lines again they are written at once, then batched again.
+    """
+    import errno
+
+    path = tmp_path / "events.jsonl"
+    reactor = _running_reactor()
+    sink = AuditLogSink(str(path), reactor)
+    full = [True]
+    real = os.write
+
+    def write(fd: int, data) -> int:
+        if fd == sink._fd and full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(hub.os, "write", write)
+    sink.client_connect(_event(1))
+    with pytest.raises(OSError):
+        reactor.advance(0)
+    assert EventHub([sink]).client_connect(_event(2)) is False
+    full[0] = False
+    sink.client_connect(_event(3))
+    assert _lines(path) == [_event(3)]
+    sink.client_disconnect(_event(4))
+    sink.client_connect(_event(5))
+    assert _lines(path) == [_event(3)]
+    reactor.advance(0)
+    assert _lines(path) == [_event(3), _event(4), _event(5)]
+    sink.close()
+
+
 def test_audit_line_is_the_same_json(tmp_path):
     """
     The prebuilt encoder writes what C{json.dumps} with compact separators writes (ASCII

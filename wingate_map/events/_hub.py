@@ -310,6 +310,10 @@ class AuditLogSink:
     pending, before a reopen, at L{close} and at reactor shutdown); without one, each line is
     written as it comes.  Either way every C{write} holds whole lines only, so worker processes
     appending to the same file (C{O_APPEND}) never split or overwrite each other's lines.
+
+    Once a write has failed (a full disk), each ClientConnect is written at once, with what is
+    pending, until a write succeeds again: a session whose ClientConnect cannot be recorded is
+    blocked (the failure propagates, as for any failing sink), not admitted unrecorded.
     """
 
     reads_events_only = True  # see EventHub: it gets the event every built-in sink shares
@@ -318,6 +322,7 @@ class AuditLogSink:
         self.path = path
         self._fd: int | None = _open_audit_log(path)
         self._batch = TurnBatch(self._write_text, reactor)
+        self._failing = False  # the last write failed
 
     def reopen(self) -> None:
         """
@@ -345,11 +350,13 @@ class AuditLogSink:
         if self._fd is None:
             raise ValueError(f"audit log {self.path} is closed")
         data = memoryview(text.encode("utf-8"))
+        self._failing = True
         while data:  # a regular file takes all of it at once unless the disk is full
             written = os.write(self._fd, data)
             if written <= 0:
                 raise OSError(errno.EIO, f"audit log {self.path}: nothing could be written")
             data = data[written:]
+        self._failing = False
 
     def _write(self, event: dict[str, Any]) -> None:
         if self._fd is None:
@@ -358,9 +365,11 @@ class AuditLogSink:
 
     def client_connect(self, event: dict[str, Any]) -> None:
         """
-        Append ClientConnect.
+        Append ClientConnect (at once, raising if it cannot be, after a failed write).
         """
         self._write(event)
+        if self._failing:
+            self._batch.flush()
 
     def client_disconnect(self, event: dict[str, Any]) -> None:
         """
