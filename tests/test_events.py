@@ -537,3 +537,49 @@ def test_event_time_is_utc_iso_with_milliseconds(seconds):
     millis = min(999, int((seconds - whole) * 1000))
     expected = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{millis:03d}Z"
     assert utc_iso(seconds) == expected and utc_iso(seconds) == expected
+
+
+def test_no_line_is_lost_when_the_service_stops(tmp_path):
+    """
+    Under twistd with --logfile and an audit log, sessions still open when SIGTERM arrives end
+    in the drain (reason shutdown) and every session has its ClientConnect and ClientDisconnect
+    line in the log file and in the audit log after the process has exited.
+    """
+    import signal
+    import socket
+
+    from .helpers import free_port, mapping_config
+    from .test_end_to_end import TWISTD, Proc
+
+    count = 8
+    destination = socket.socket()
+    destination.bind(("127.0.0.1", 0))
+    destination.listen(count + 1)
+    destination.settimeout(30)
+    port = free_port()
+    config = tmp_path / "wingatemap.toml"
+    config.write_text(mapping_config(port, [destination.getsockname()], service='drain_timeout = 0.5\naudit_log = "events.jsonl"'))
+    proc = Proc(TWISTD + ["-n", "--pidfile=", "--logfile=twistd.log", "wingatemap", "run", "--config", str(config)], cwd=str(tmp_path))
+    clients, relayed = [], []
+    try:
+        from .test_end_to_end import wait_port
+
+        wait_port(port)
+        for _ in range(count):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+        for _ in range(count + 1):  # each one dialled (wait_port's too): its ClientConnect was raised
+            relayed.append(destination.accept()[0])
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.finish(60) == -signal.SIGTERM, proc.output()
+    finally:
+        proc.stop()
+        for sock in clients + relayed + [destination]:
+            sock.close()
+    log = (tmp_path / "twistd.log").read_text(encoding="utf-8")
+    audit = _lines(tmp_path / "events.jsonl")
+    connects = {e["session"] for e in audit if e["event"] == "ClientConnect"}
+    disconnects = {e["session"]: e["reason"] for e in audit if e["event"] == "ClientDisconnect"}
+    assert len(audit) == 2 * (count + 1) and len(connects) == count + 1 and set(disconnects) == connects
+    assert list(disconnects.values()).count("shutdown") >= count
+    for session in connects:
+        assert log.count(f"ClientConnect {session} ") == 1 and log.count(f"ClientDisconnect {session} ") == 1, log
