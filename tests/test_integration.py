@@ -18,6 +18,7 @@ from twisted.logger import globalLogPublisher
 
 from wingate_map.errors import BindError
 from wingate_map.relay import _destinations, _poller, _protocol
+from wingate_map.relay._poller import READ
 
 from .helpers import (
     EchoProtocol,
@@ -351,10 +352,15 @@ def test_slow_reader_keeps_memory_bounded():
             relay = relay_of(live[0]) if live else None
             if relay is None or relay._pump is None:
                 return False
-            # The destination's leg is no longer read: the socket pump's own, or Twisted's.
+            # The destination's leg is no longer read: the socket pump's own (registered on the
+            # data plane's poller, not on the reactor), or Twisted's.
             transports = relay.transports()
-            leg = relay._pump.destination if transports is None else transports[1]
-            return leg not in reactor().getReaders() and server.sender.paused
+            if transports is None:
+                leg = relay._pump.destination
+                not_read = not leg.reading and not leg.mask & READ
+            else:
+                not_read = transports[1] not in reactor().getReaders()
+            return not_read and server.sender.paused
 
         yield wait_for(stalled)
         [session] = service.sessions.live()
