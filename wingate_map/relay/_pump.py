@@ -274,20 +274,44 @@ class _Leg:
             if size <= 0:
                 self.pump._wait_for_tokens(self)
                 return
-        if self.splicing and self.pump._splice(self, size):
-            return
-        try:
-            data = sock.recv(size)
-        except OSError as e:
-            if not _is_again(e):
-                self.pump._reset(self)
-            return
-        if not data:
-            self.pump._eof(self)
-            return
-        n = len(data)
         pump = self.pump
-        pump._moved(self, n)
+        # Bulk: the bytes go through a pipe, in the kernel (no pipe free: through user space).
+        pipe = PIPES.get() if self.splicing else None
+        if pipe is not None:
+            try:
+                # Into an empty pipe: EAGAIN can only mean the socket has nothing.
+                n = _SPLICE(self.fd, pipe[1], size, flags=_SPLICE_FLAGS)  # type: ignore[misc]
+            except OSError as e:
+                PIPES.put(pipe)
+                if not _is_again(e):
+                    pump._reset(self)
+                return
+            if not n:
+                PIPES.put(pipe)
+        else:
+            try:
+                data = sock.recv(size)
+            except OSError as e:
+                if not _is_again(e):
+                    pump._reset(self)
+                return
+            n = len(data)
+        if not n:
+            pump._eof(self)
+            return
+        # Counted (before it is passed on: a failure there ends the session and reports the
+        # counts), taken from the rate limit, and the activity noted.
+        if limiter is not None:
+            limiter.take(n)
+        if pump.track_idle:
+            pump.last_activity = pump.clock.seconds()
+        if self.side is CLIENT:
+            pump.session.bytes_from_client += n
+        else:
+            pump.session.bytes_to_client += n
+        if pipe is not None:
+            pump._splice_on(self, pipe, n)
+            return
         peer = self.peer
         try:
             sent = peer.sock.send(data)  # type: ignore[union-attr]
@@ -528,40 +552,10 @@ class SocketPump:
         elif leg.peer.sock is not None:
             self._update_reading(leg.peer)
 
-    def _moved(self, leg: _Leg, n: int) -> None:
+    def _splice_on(self, leg: _Leg, pipe: tuple[int, int], n: int) -> None:
         """
-        C{leg} sent C{n} bytes: take them from its rate limit, note the activity, count them.
+        C{leg} spliced C{n} bytes into C{pipe}: move them on to its peer, in the kernel.
         """
-        if leg.limiter is not None:
-            leg.limiter.take(n)
-        if self.track_idle:
-            self.last_activity = self.clock.seconds()
-        if leg.side is CLIENT:
-            self.session.bytes_from_client += n
-        else:
-            self.session.bytes_to_client += n
-
-    def _splice(self, leg: _Leg, size: int) -> bool:
-        """
-        Move up to C{size} bytes from C{leg} to its peer in the kernel, through a pipe; False
-        (nothing done) when no pipe is free: read through user space then.
-        """
-        pipe = PIPES.get()
-        if pipe is None:
-            return False
-        try:
-            # Into an empty pipe: EAGAIN can only mean the socket has nothing.
-            n = _SPLICE(leg.fd, pipe[1], size, flags=_SPLICE_FLAGS)  # type: ignore[misc]
-        except OSError as e:
-            PIPES.put(pipe)
-            if not _is_again(e):
-                self._reset(leg)
-            return True
-        if not n:
-            PIPES.put(pipe)
-            self._eof(leg)
-            return True
-        self._moved(leg, n)
         peer = leg.peer
         try:
             sent = _SPLICE(pipe[0], peer.fd, n, flags=_SPLICE_FLAGS)  # type: ignore[misc]
@@ -569,7 +563,7 @@ class SocketPump:
             if not _is_again(e):
                 PIPES.discard(pipe)
                 self._reset(peer)
-                return True
+                return
             sent = 0
         if sent < n:
             # The peer is slow: it keeps the pipe with the rest; stop reading until it is out.
@@ -578,7 +572,6 @@ class SocketPump:
             self._set_reading(leg, False)
         else:
             PIPES.put(pipe)
-        return True
 
     # -- endings --------------------------------------------------------------------------------
 
