@@ -41,6 +41,7 @@ from ..interfaces import IDestinationEndpointFactory, IRuleService
 from ..config import format_host_port
 from ..network import original_destination
 from ..config import LocationSet, client_address
+from ._accept import lean_of, real_transport
 from ._pump import CLIENT, DESTINATION, IPumpOwner, SocketPump, TransportPump, take_over
 from ._connect import DirectConnect, IConnectOwner, direct_route, take_client
 from ._proxy_protocol import HEADER_TIMEOUT, ProxyHeaderError, ProxyHeaderReader, build_header
@@ -423,7 +424,21 @@ class RelayProtocol(Protocol):
 
     # -- accept and decide -------------------------------------------------------------------
 
+    def lean_accept(self) -> bool:
+        """
+        Whether this connection may be accepted lean (relay._accept): nothing of it is read
+        before the socket pump takes it (no TLS listener, no PROXY header from clients, no
+        C{peek_sni}, the socket pump on).
+        """
+        mapping = self.runtime.mapping
+        return mapping.tls is None and not mapping.proxy_protocol and not mapping.peek_sni and self.runtime.socket_pump
+
     def connectionMade(self) -> None:
+        lean = lean_of(self.transport)
+        if lean is not None:
+            # Accepted lean: not read, the options inherited from the listening socket.
+            self._begin("accepted", lean.peer, lean)
+            return
         _tune(self.transport)
         mapping = self.runtime.mapping
         if mapping.tls is None and not mapping.proxy_protocol:
@@ -500,15 +515,16 @@ class RelayProtocol(Protocol):
         self._early = rest
         self._begin("header_read", header.source or (peer_ip, peer_port))
 
-    def _begin(self, input: str, client: tuple[str, int], tls: bool = False, certificate_cn: str | None = None, sni: str | None = None) -> None:
+    def _begin(self, input: str, client: tuple[str, int], lean: Any = None, tls: bool = False, certificate_cn: str | None = None, sni: str | None = None) -> None:
         """
         The client is known (C{input} told who it is): open the session and ask the rule
-        service (after peeking at its ClientHello with C{peek_sni}).
+        service (after peeking at its ClientHello with C{peek_sni}).  C{lean}: the connection
+        was accepted lean (relay._accept.AcceptedSocket).
         """
         self._go(input)
         runtime = self.runtime
         client_ip, client_port = client
-        local_ip, local_port = _address(self.transport.getHost())
+        local_ip, local_port = lean.local() if lean is not None else _address(self.transport.getHost())
         local_ip = sys.intern(local_ip)  # a listener's address: one string for all its sessions
         original_dst = None
         if self.factory is not None and self.factory.intercepting:
@@ -891,6 +907,7 @@ class RelayProtocol(Protocol):
             self._decision = self._list = None
             self._order = ()
         else:
+            self.transport = real_transport(self.transport)  # accepted lean: a Twisted transport now
             self._pump = TransportPump(runtime.clock, self.transport, protocol.transport, session, limits, self._track_idle)
         if self._track_idle:
             self._start_timer(runtime.mapping.idle_timeout, self._idle_check)

@@ -52,6 +52,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import Attribute, Interface, implementer
 
+from ._accept import AcceptedSocket
 from ._poller import READ, WRITE, ReactorDescriptors
 from ._ratelimit import Limiter, Throttle
 from ._tcp_internals import unsent as _unsent
@@ -172,12 +173,15 @@ def _is_again(error: OSError) -> bool:
     return isinstance(error, (BlockingIOError, InterruptedError)) or error.errno in _AGAIN
 
 
-def _tcp_transport(transport: Any) -> FileDescriptor | None:
+def _tcp_transport(transport: Any) -> FileDescriptor | AcceptedSocket | None:
     """
     The TCP connection under C{transport} (itself, or under protocol wrappers such as a
-    worker's reset-on-death layer), or None.
+    worker's reset-on-death layer): a Twisted TCP transport or a lean accepted socket
+    (relay._accept), or None.
     """
     for _ in range(4):
+        if type(transport) is AcceptedSocket:
+            return transport
         if isinstance(transport, FileDescriptor) and ITCPTransport.providedBy(transport):
             return transport
         if isinstance(transport, TLSMemoryBIOProtocol):
@@ -197,8 +201,14 @@ def take_over(reactor: Any, client: Any, destination: Any) -> tuple[socket.socke
     if not IReactorFDSet.providedBy(reactor):
         return None
     legs = [_tcp_transport(client), _tcp_transport(destination)]
-    taken = []
+    taken: list[Any] = []
     for leg in legs:
+        if type(leg) is AcceptedSocket:
+            # Accepted lean: never registered, nothing buffered; handed on below.
+            if leg.socket is None or leg.disconnecting:
+                return None
+            taken.append((leg, b""))
+            continue
         if leg is None or not leg.connected or leg.disconnecting or leg.disconnected or write_closed(leg):
             return None
         if not isinstance(getattr(leg, "socket", None), socket.socket) or leg.producer is not None:
@@ -207,11 +217,15 @@ def take_over(reactor: Any, client: Any, destination: Any) -> tuple[socket.socke
         if unsent is None:
             return None
         taken.append((leg, unsent))
-    for leg, _ in taken:
-        leg.stopReading()
-        leg.stopWriting()
     (c, c_unsent), (d, d_unsent) = taken
-    return c.socket, d.socket, c_unsent, d_unsent
+    c_socket, d_socket = c.socket, d.socket
+    for leg, _ in taken:
+        if type(leg) is AcceptedSocket:
+            leg.take()
+        else:
+            leg.stopReading()
+            leg.stopWriting()
+    return c_socket, d_socket, c_unsent, d_unsent
 
 
 @implementer(IReadDescriptor, IWriteDescriptor, IHalfCloseableDescriptor)

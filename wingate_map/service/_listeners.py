@@ -14,15 +14,15 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import Factory
 from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ..network import Listener
+from ..relay import ListeningPort
 from ..errors import BindError
 from ._workers import ResetOnDeathFactory
 from ._resource import Resource
@@ -98,27 +98,24 @@ class Listeners(Resource):
         """
         Listen for C{listener}; L{BindError} if it cannot.
         """
-        factory = self._switches[(listener.mapping, listener.intercept)]
-        results: list[Any] = []
+        served: Any = self._switches[(listener.mapping, listener.intercept)]
+        port: Any = listener.port
         if self.shared:
             # Every worker listens on the same address and port; the kernel spreads connections.
-            try:
-                binding = makeBinding(listener.address, listener.port, reuseAddress=True, reusePort=True)
-                served = ResetOnDeathFactory(factory) if self.reset_on_death else factory
-                results.append(self.reactor.listenTCP(binding, served, backlog=LISTEN_BACKLOG, interface=listener.address))
-            except CannotListenError:
-                results.append(Failure())
-        else:
-            endpoint = serverFromString(self.reactor, listen_description(listener.address, listener.port))
-            endpoint.listen(factory).addBoth(results.append)
-        if not results:
-            raise BindError(listener.mapping, listener.address, listener.port, "the endpoint did not listen synchronously")
-        if isinstance(results[0], Failure):
-            error = results[0].value
+            port = makeBinding(listener.address, listener.port, reuseAddress=True, reusePort=True)
+            if self.reset_on_death:
+                served = ResetOnDeathFactory(served)
+        try:
+            if isinstance(self.reactor, PosixReactorBase):
+                # What listenTCP does (on a real reactor; a test's fake gets listenTCP), with the port that accepts plain connections lean.
+                listening = ListeningPort(port, served, LISTEN_BACKLOG, listener.address, self.reactor)
+                listening.startListening()
+                return listening
+            return self.reactor.listenTCP(port, served, backlog=LISTEN_BACKLOG, interface=listener.address)
+        except (CannotListenError, OSError, ValueError) as error:
             socket_error = getattr(error, "socketError", None)
             why = getattr(socket_error, "strerror", None) or str(socket_error or error)
-            raise BindError(listener.mapping, listener.address, listener.port, why)
-        return results[0]
+            raise BindError(listener.mapping, listener.address, listener.port, why) from None
 
     def _listen_all(self, listeners: Iterable[Listener]) -> dict[Listener, IListeningPort]:
         """
