@@ -1042,7 +1042,7 @@ PROFILE_NOTES = {
     ),
     "cpu_conn": (
         "Per new connection, about a third is the session's admission (the rule decision, two structured events with 16-18 fields, their sinks and log lines), "
-        "then Twisted's accept and the client transport (an IP-literal plain destination is already connected by hand, `relay/_connect.py`, straight into the pump), "
+        "then Twisted's accept loop (a plain mapping's client is accepted lean, `relay/_accept.py`: no Twisted transport and nothing registered with the reactor until the pump takes the socket, keepalive and TCP_NODELAY inherited from the listening socket; an IP-literal plain destination is connected by hand, `relay/_connect.py`, straight into the pump), "
         "and the rest the kernel's connect, FIN and close work, with the pump's share (the take-over, its start, one `shutdown` and two `close`s: mostly system calls) about a tenth of the whole. "
         "Closing the rest is the events: built once, the audit and log lines written in batches, no per-event dispatch wrapper."
     ),

@@ -1,7 +1,8 @@
 """
 The relay: a thin Protocol pair joining an accepted client to its destination.
 
-The client's transport is paused at accept, the rule service decides, the ClientConnect sinks
+The client's transport is paused at accept (or never read: a plain mapping's client is
+accepted lean, relay._accept), the rule service decides, the ClientConnect sinks
 allow, the destination is connected (trying each destination of a failover list in turn), and
 only then is the client resumed; so no client byte is read before the session is allowed.  Each
 transport is registered as the other's streaming producer, so a slow reader pauses the fast

@@ -2,8 +2,9 @@
 The listeners: one listening port per (mapping, address, intercepting?) of the plan, a child
 service of the root.
 
-Each port serves a L{_Switch} the root points at the current relay factory, so that a reload
-changes what new connections get without closing a port.  Opening is all or nothing: if one
+Each port is a L{wingate_map.relay.ListeningPort} (plain connections accepted lean, TCP_NODELAY
+and SO_KEEPALIVE set once on the listening socket) serving a L{_Switch} the root points at the
+current relay factory, so that a reload changes what new connections get without closing a port.  Opening is all or nothing: if one
 listener cannot bind, the ones already opened are closed and L{BindError} names the mapping,
 address and port.  Stopping closes every port; the Deferred it returns fires once every
 listening socket is really closed (the root drains after that).
