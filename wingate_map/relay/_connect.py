@@ -245,7 +245,8 @@ def take_client(reactor: Any, client_transport: Any, connect: DirectConnect) -> 
     client leg cannot be taken over (then nothing was touched).
     """
     # take_over checks and takes each leg it is given; given the client twice, it takes it
-    # (twice: stopping a stopped transport is harmless) and nothing else.
+    # (twice: stopping a stopped transport, or taking a lean socket already taken, is harmless)
+    # and nothing else.
     taken = take_over(reactor, client_transport, client_transport)
     if taken is None:
         return None
