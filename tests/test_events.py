@@ -175,6 +175,35 @@ def test_events_below_the_service_log_level_are_not_emitted():
     assert {key: event[key] for key in session.connect_event(1_700_000_000.5)} == session.connect_event(1_700_000_000.5)
 
 
+@pytest_twisted.inlineCallbacks
+@pytest.mark.parametrize("ours", [True, False])
+def test_the_service_log_sink_asks_the_observer_install_made(caplog_twisted, ours):
+    """
+    A service whose log observer L{install} made (the plugin's) logs no ClientConnect below
+    its log_level; the same service without one (embedded) logs it for the application's
+    observers.
+    """
+    from twisted.application.service import Application
+
+    from wingate_map import service_from_string
+    from wingate_map.events import install
+
+    from .helpers import free_port, mapping_config
+
+    service = service_from_string(mapping_config(free_port(), [("127.0.0.1", 9)], service='log_level = "warn"'))
+    if ours:
+        observer = install(Application("wingatemap"), service, {"nodaemon": True})
+        assert service.log_observer is observer
+    service.startService()
+    try:
+        event = _session().connect_event(1_700_000_000.5)
+        event["mapping"] = "m"
+        service.events.client_connect(event)
+    finally:
+        yield service.stopService()
+    assert any(line.startswith("ClientConnect s-1 ") for line in caplog_twisted) is not ours
+
+
 def test_without_the_service_observer_every_event_is_emitted():
     """
     An embedded service's log sink has no observer of ours: its events go to whatever

@@ -195,11 +195,12 @@ class LogSink:
     address, user, server name, destinations) with L{printable}: a control character or escape
     sequence shows as C{\\x1b}, it never reaches a log file or a terminal as itself.
 
-    Given the service's own log observer (L{wingate_map.events.ServiceLogObserver}, which
-    twistd and a C{.tac} that calls L{install} log through), an event below the observer's
-    C{log_level} is not emitted at all: that observer is then the only one twistd feeds, and
-    it would drop the event.  Without one (an embedded service, whose application has its own
-    observers), every event is emitted, whatever the level.
+    Given the service's own log observer (the L{wingate_map.events.ServiceLogObserver} that
+    L{wingate_map.events.install} makes twistd's only one for the plugin and C{wingatemap
+    run}), an event below the observer's C{log_level} is not emitted at all: that observer
+    would drop it, and no other observer is there to see it.  Without one (an embedded service
+    or a C{.tac}, whose application may have observers of its own), every event is emitted,
+    whatever the level.
     """
 
     reads_events_only = True  # see EventHub: it gets the event every built-in sink shares
