@@ -342,6 +342,50 @@ def test_one_turn_end_for_every_batch_of_a_reactor(tmp_path):
     audit.close()
 
 
+def test_batches_keep_no_finished_reactor_alive():
+    """
+    Sharing a reactor's turn end keeps nothing of a reactor nobody uses any more (a test's,
+    an embedding application's second one).
+    """
+    import gc
+    import weakref
+
+    reactor = _running_reactor()
+    batch = TurnBatch(lambda text: None, reactor)
+    batch.add("a line\n")
+    reactor.advance(0)
+    gone = weakref.ref(reactor)
+    del batch, reactor
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_reactor_without_weak_references_still_ends_turns():
+    """
+    A reactor (wrapper) that takes no weak reference cannot share its turn end: each batch
+    then waits on a delayed call of its own, and its lines are written all the same.
+    """
+    from twisted.internet.task import Clock
+
+    class Wrapper:
+        __slots__ = ("clock",)
+        running = True
+
+        def __init__(self) -> None:
+            self.clock = Clock()
+
+        def callLater(self, delay: float, call, *args):
+            return self.clock.callLater(delay, call, *args)
+
+    reactor, written = Wrapper(), []
+    batch = TurnBatch(written.append, reactor)
+    batch.add("a\n")
+    batch.add("b\n")
+    assert written == [] and len(reactor.clock.getDelayedCalls()) == 1
+    reactor.clock.advance(0)
+    assert written == ["a\nb\n"]
+
+
 def test_a_failed_write_stops_no_other_batch():
     """
     When one batch cannot be written at the end of a turn (a full disk), the others of the

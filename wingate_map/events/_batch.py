@@ -29,18 +29,18 @@ class _TurnEnd:
     C{callLater(0)}.
     """
 
-    __slots__ = ("_reactor", "_waiting", "__weakref__")
+    __slots__ = ("_waiting",)
 
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
+    def __init__(self) -> None:
+        # No reference to the reactor: the map's value must not keep its key alive.
         self._waiting: list[TurnBatch] = []
 
-    def wait(self, batch: "TurnBatch") -> None:
+    def wait(self, batch: "TurnBatch", reactor: Any) -> None:
         """
-        Write C{batch} when the turn ends.
+        Write C{batch} when C{reactor}'s turn ends.
         """
         if not self._waiting:
-            self._reactor.callLater(0, self._ended)
+            reactor.callLater(0, self._ended)
         self._waiting.append(batch)
 
     def _ended(self) -> None:
@@ -58,16 +58,18 @@ class _TurnEnd:
 _turn_ends: "weakref.WeakKeyDictionary[Any, _TurnEnd]" = weakref.WeakKeyDictionary()
 
 
-def _turn_end(reactor: Any) -> _TurnEnd:
+def _turn_end(reactor: Any) -> _TurnEnd | None:
+    """
+    C{reactor}'s L{_TurnEnd}; L{None} for a reactor that takes no weak reference (each batch
+    then waits on a delayed call of its own).
+    """
     try:
         return _turn_ends[reactor]
-    except (KeyError, TypeError):  # TypeError: a reactor that takes no weak reference
-        end = _TurnEnd(reactor)
-        try:
-            _turn_ends[reactor] = end
-        except TypeError:
-            pass
+    except KeyError:
+        end = _turn_ends[reactor] = _TurnEnd()
         return end
+    except TypeError:
+        return None
 
 
 class TurnBatch:
@@ -77,7 +79,7 @@ class TurnBatch:
     @ivar pending: the text not written yet, in order.
     """
 
-    __slots__ = ("_write", "_reactor", "_end", "_thread", "_scheduled", "pending", "_size", "limit")
+    __slots__ = ("_write", "_reactor", "_end", "_hooked", "_thread", "_scheduled", "pending", "_size", "limit")
 
     def __init__(self, write: Callable[[str], object], reactor: Any = None, limit: int = LIMIT) -> None:
         """
@@ -89,6 +91,7 @@ class TurnBatch:
         self._write = write
         self._reactor = reactor
         self._end: _TurnEnd | None = None
+        self._hooked = False  # the shutdown trigger is added and _end looked up
         self._thread = threading.get_ident()  # the reactor's thread: the one that builds us
         self._scheduled = False
         self.pending: list[str] = []
@@ -118,15 +121,18 @@ class TurnBatch:
         if self._size >= self.limit:
             self.flush()
             return
-        end = self._end
-        if end is None:
-            end = self._end = _turn_end(reactor)
+        if not self._hooked:
+            self._hooked = True
+            self._end = _turn_end(reactor)
             # "during": before any "after shutdown" trigger (one may end the process at once).
             hook = getattr(reactor, "addSystemEventTrigger", None)
             if hook is not None:
                 hook("during", "shutdown", self._shut_down)
         self._scheduled = True
-        end.wait(self)
+        if self._end is not None:
+            self._end.wait(self, reactor)
+        else:
+            reactor.callLater(0, self._turn_ended)
 
     def _turn_ended(self) -> None:
         self._scheduled = False
