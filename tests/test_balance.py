@@ -358,3 +358,16 @@ def test_health_policy_defaults_and_limits():
     for bad in ({"fall": 0}, {"rise": 0}, {"interval": 0}, {"timeout": -1}):
         with pytest.raises(ValueError):
             HealthPolicy(**bad)
+
+
+@pytest.mark.parametrize("method", [FAILOVER, ROUND_ROBIN, LEAST_CONNECTIONS, SOURCE_HASH])
+def test_a_single_destination_is_always_the_candidate(method):
+    """
+    A list of one destination offers it to every connection, whatever the method, while it is
+    up and when it is down (all down: all are tried).
+    """
+    balancer = Balancer(NAMES[:1], Clock(), method=method)
+    assert [balancer.candidates("10.1.1.1") for _ in range(3)] == [[0], [0], [0]]
+    fail(balancer, 0, 3)
+    assert balancer.health[0].state == DOWN
+    assert balancer.candidates("10.1.1.1") == [0]

@@ -88,13 +88,16 @@ class AssumedIdentitySource:
         self.users = tuple(users)
         self._index = LocationIndex(u.locations for u in self.users)
         self._mac_for = mac_for
+        # Identities are values: one per user, built once rather than per connection.
+        self._identities = tuple(identity_of(u, self.level) for u in self.users)
 
     def identify(self, client: ClientInfo) -> Identity | None:
         """
         See L{IIdentitySource.identify}.
         """
-        owner = self._index.first(client_address(client.client_ip), lambda: self._mac_for(client.client_ip))
-        return None if owner is None else identity_of(self.users[owner], self.level)
+        ip = client.client_ip
+        owner = self._index.first(client_address(ip), (lambda: self._mac_for(ip)) if self._index.needs_mac else None)
+        return None if owner is None else self._identities[owner]
 
     def explain(self, client: ClientInfo) -> str | None:
         """

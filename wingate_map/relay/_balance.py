@@ -272,6 +272,8 @@ class Balancer:
         Down destinations are left out while another is up (one due for a retry counts as up);
         when all are down, all are listed.
         """
+        if len(self.names) == 1:
+            return [0]  # what every method below gives for one destination, up or down
         everyone = range(len(self.names))
         eligible = [i for i in everyone if self.health[i].up or self.health[i].retry_due()]
         if not any(self.health[i].up for i in eligible):

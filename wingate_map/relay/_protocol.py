@@ -234,6 +234,11 @@ class Phase(Enum):
     ENDED = "ended"  # ClientDisconnect sent (entering this phase sends it; there is no way out)
     DROPPED = "dropped"  # closed while PENDING: never a session, so no events
 
+    # Phases are looked up in dictionaries several times a connection (TRANSITIONS, _TIMER_OF):
+    # hashed by identity in C, not by Enum.__hash__ (a Python call hashing the name).  Members
+    # are singletons compared by identity, so this hash agrees with their equality.
+    __hash__ = object.__hash__
+
 
 # The session's lifecycle: for each phase, the inputs it accepts and the phase each leads to.
 # RelayProtocol._go performs a transition and refuses (logs, stays) any input not listed here.
