@@ -94,23 +94,23 @@ def _peek(sock: socket.socket) -> bytes:
         return b""
 
 
-def _client(port) -> socket.socket:
+def _client(port, host: str = "127.0.0.1") -> socket.socket:
     """
-    A blocking client socket connected to C{port}.
+    A blocking client socket connected to C{port} on C{host}.
     """
-    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=20)
+    client = socket.create_connection((host, port.getHost().port), timeout=20)
     return client
 
 
 @defer.inlineCallbacks
-def _accepted(lean: bool = True, wrap=lambda factory: factory):
+def _accepted(lean: bool = True, wrap=lambda factory: factory, host: str = "127.0.0.1"):
     """
-    A L{ListeningPort} serving L{_Lean} protocols (through C{wrap}) and one client connected
-    to it: (port, client socket, the accepted protocol).
+    A L{ListeningPort} on C{host} serving L{_Lean} protocols (through C{wrap}) and one client
+    connected to it: (port, client socket, the accepted protocol).
     """
     factory = _Factory(lean)
-    port = _listening(wrap(factory))
-    client = _client(port)
+    port = _listening(wrap(factory), host)
+    client = _client(port, host)
     try:
         yield wait_for(lambda: factory.built and factory.built[0].transport is not None)
     except BaseException:
@@ -169,6 +169,31 @@ def test_a_lean_connection_is_not_registered_and_closes_in_order_once():
     finally:
         client.close()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_lean_addresses_over_ipv6_and_on_a_wildcard_address():
+    """
+    The peer's and this side's addresses of a lean connection are what Twisted's transports
+    give, over IPv6 and on a wildcard listener (where this side's address is the socket's own).
+    """
+    for host, connect_to in (("::1", "::1"), ("0.0.0.0", "127.0.0.1")):
+        factory = _Factory()
+        port = _listening(factory, host)
+        client = _client(port, connect_to)
+        try:
+            yield wait_for(lambda: factory.built and factory.built[0].transport is not None)
+            lean = factory.built[0].transport
+            assert type(lean) is AcceptedSocket
+            assert lean.peer == client.getsockname()[:2] and lean.local() == client.getpeername()[:2]
+            assert (lean.getPeer().host, lean.getPeer().port) == lean.peer
+            assert (lean.getHost().host, lean.getHost().port) == lean.local()
+            assert (port.local is None) == (host == "0.0.0.0")
+            lean.loseConnection()
+            yield factory.built[0].lost
+        finally:
+            client.close()
+            yield port.stopListening()
 
 
 @pytest_twisted.inlineCallbacks
