@@ -272,6 +272,24 @@ def test_promotion_gives_the_protocol_a_real_transport_on_the_same_socket():
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_workers_listening_factory_keeps_no_session_the_pump_took():
+    """
+    A worker's reset-on-death wrapper never hears connectionLost for a connection whose socket
+    the pump took; its listening factory must not keep such wrappers (every ended session
+    would stay in memory for the worker's life).
+    """
+    port, client, protocol = yield _accepted(wrap=ResetOnDeathFactory)
+    wrapping = port.factory
+    try:
+        sock = lean_of(protocol.transport).take()  # what the pump does
+        sock.close()
+        assert not getattr(wrapping, "protocols", None)
+    finally:
+        client.close()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_plain_session_is_accepted_lean_and_read_only_once_allowed():
     """
     Through the service: a plain mapping's client is accepted lean, nothing it sent is read

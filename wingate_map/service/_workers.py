@@ -198,6 +198,18 @@ class ResetOnDeathFactory(WrappingFactory):
         inner = self.wrappedFactory.buildProtocol(addr)
         return None if inner is None else self.protocol(self, inner)
 
+    def registerProtocol(self, p: Any) -> None:
+        """
+        Keep no list of the live wrappers (WrappingFactory does): a session whose sockets the
+        relay's socket pump takes never tells its wrapper C{connectionLost}, so on a listening
+        port the list would only grow, holding every ended session.
+        """
+
+    def unregisterProtocol(self, p: Any) -> None:
+        """
+        Nothing to forget (see L{registerProtocol}).
+        """
+
     def logPrefix(self) -> str:
         inner = getattr(self.wrappedFactory, "logPrefix", None)
         return inner() if inner is not None else "wingatemap"
