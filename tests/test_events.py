@@ -22,7 +22,7 @@ from wingate_map.config import Config, ServiceSettings
 from wingate_map.events import AuditLogSink, EventHub, LogSink, Metrics, ServiceLogObserver
 from wingate_map.events import _hub as hub
 from wingate_map.events import _logs as logs
-from wingate_map.events._batch import TurnBatch
+from wingate_map.events._batch import SPACING, TurnBatch
 from wingate_map.interfaces import IEventSink
 from wingate_map.service._parts import AuditLog
 from wingate_map.sessions import Session, SessionRegistry
@@ -266,7 +266,7 @@ def test_info_lines_of_a_turn_are_written_at_its_end_in_one_write():
     assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["line 0", "line 1", "line 2"]
     assert len(out.writes) == 1 and out.flushes == 1
     log.info("line 3")
-    reactor.advance(0)
+    reactor.advance(SPACING)  # the next turn end that writes (see the spacing test)
     assert out.getvalue().endswith("] line 3\n") and len(out.writes) == 2
 
 
@@ -358,6 +358,33 @@ def test_batches_keep_no_finished_reactor_alive():
     del batch, reactor
     gc.collect()
     assert gone() is None
+
+
+def test_turn_ends_that_write_are_spaced():
+    """
+    A turn end that writes comes at least SPACING after the last one: the lines of the turns
+    in between wait for it (written together, in order); after a quiet SPACING, the next turn's
+    lines are written at the end of that turn, as the first were.
+    """
+    reactor = _running_reactor()
+    written: list[str] = []
+    batch = TurnBatch(written.append, reactor)
+    batch.add("a\n")
+    reactor.advance(0)
+    assert written == ["a\n"]
+    reactor.advance(SPACING / 4)
+    batch.add("b\n")
+    reactor.advance(0)
+    batch.add("c\n")
+    assert written == ["a\n"] and len(reactor.getDelayedCalls()) == 1
+    reactor.advance(SPACING / 2)
+    assert written == ["a\n"]
+    reactor.advance(SPACING / 4)
+    assert written == ["a\n", "b\nc\n"]
+    reactor.advance(SPACING * 2)
+    batch.add("d\n")
+    reactor.advance(0)
+    assert written == ["a\n", "b\nc\n", "d\n"]
 
 
 def test_a_reactor_without_weak_references_still_ends_turns():
@@ -480,7 +507,7 @@ def test_audit_lines_of_a_turn_arrive_whole_in_order_in_one_write(tmp_path, writ
     reactor.advance(0)
     assert _lines(path) == [_event(n) for n in range(3)] and len(writes) == 1 and writes[0].endswith(b"\n")
     sink.client_disconnect(_event(3))
-    reactor.advance(0)
+    reactor.advance(SPACING)
     assert _lines(path) == [_event(n) for n in range(4)] and len(writes) == 2
     sink.close()
 
@@ -515,7 +542,7 @@ def test_after_a_failed_write_an_unrecorded_client_connect_blocks_its_session(tm
     sink.client_disconnect(_event(4))
     sink.client_connect(_event(5))
     assert _lines(path) == [_event(3)]
-    reactor.advance(0)
+    reactor.advance(SPACING)
     assert _lines(path) == [_event(3), _event(4), _event(5)]
     sink.close()
 

@@ -5,10 +5,15 @@ every connection a turn handles cost one write (and one flush) instead of one pe
 A batch is written when the reactor turn ends (a C{callLater(0)}: delayed calls due now run at
 the start of the next turn, before the reactor waits for I/O again), when it grows past its
 limit, when its owner asks (a warning, a close, a reopen) and when the reactor shuts down.
+The ends of a reactor's turns that write are at least L{SPACING} apart: when one came less than
+that long ago, the next waits for the rest of it (a C{callLater} of that delay), gathering the
+turns between.  A busy service (thousands of connections a second, each turn handling one or
+two) so writes each file at most 100 times a second, not once per connection; a quiet one,
+whose turns are further apart, still at the end of every turn.
 While no reactor runs it (before C{run}, after C{stop}), and for text from another thread,
 nothing waits: the batch is written first, then the text, in order.
 
-Every batch of a reactor waits on one C{callLater(0)} per turn (L{_TurnEnd}), not one each: the
+Every batch of a reactor waits on one delayed call per turn end (L{_TurnEnd}), not one each: the
 only state this module keeps beyond its batches, a weak map from a reactor to its L{_TurnEnd},
 which holds nothing once the turn's batches are written.
 """
@@ -21,26 +26,37 @@ from typing import Any, Callable
 
 # A batch past this many characters is written at once (a burst never holds much memory).
 LIMIT = 64 * 1024
+# The least time (s) between two turn ends of a reactor that write: no line waits longer.
+SPACING = 0.01
 
 
 class _TurnEnd:
     """
     The batches of one reactor waiting for the end of the current turn, written by one
-    C{callLater(0)}.
+    C{callLater}: of 0, or of what is left of L{SPACING} since the last turn end it wrote at.
     """
 
-    __slots__ = ("_waiting",)
+    __slots__ = ("_waiting", "_due")
 
     def __init__(self) -> None:
         # No reference to the reactor: the map's value must not keep its key alive.
         self._waiting: list[TurnBatch] = []
+        self._due = float("-inf")  # when the last turn end was scheduled for
 
     def wait(self, batch: "TurnBatch", reactor: Any) -> None:
         """
-        Write C{batch} when C{reactor}'s turn ends.
+        Write C{batch} when C{reactor}'s turn ends, and at least L{SPACING} after the last
+        turn end that did.
         """
         if not self._waiting:
-            reactor.callLater(0, self._ended)
+            now = reactor.seconds()
+            due = self._due + SPACING
+            if due > now:
+                self._due = due
+                reactor.callLater(due - now, self._ended)
+            else:
+                self._due = now
+                reactor.callLater(0, self._ended)
         self._waiting.append(batch)
 
     def _ended(self) -> None:
@@ -60,9 +76,11 @@ _turn_ends: "weakref.WeakKeyDictionary[Any, _TurnEnd]" = weakref.WeakKeyDictiona
 
 def _turn_end(reactor: Any) -> _TurnEnd | None:
     """
-    C{reactor}'s L{_TurnEnd}; L{None} for a reactor that takes no weak reference (each batch
-    then waits on a delayed call of its own).
+    C{reactor}'s L{_TurnEnd}; L{None} for a reactor that takes no weak reference or tells no
+    time (each batch then waits on a C{callLater(0)} of its own, every turn).
     """
+    if not hasattr(reactor, "seconds"):
+        return None
     try:
         return _turn_ends[reactor]
     except KeyError:

@@ -307,10 +307,11 @@ class AuditLogSink:
     log rotation (move the file away, then reload).
 
     Given a reactor, the lines of one reactor turn are written together, in order, with one
-    C{write} of whole lines at the end of the turn (see L{TurnBatch}: also when 64 KiB are
-    pending, before a reopen, at L{close} and at reactor shutdown); without one, each line is
-    written as it comes.  Either way every C{write} holds whole lines only, so worker processes
-    appending to the same file (C{O_APPEND}) never split or overwrite each other's lines.
+    C{write} of whole lines at the end of the turn (see L{TurnBatch}: at most one such write
+    every 10 ms; also when 64 KiB are pending, before a reopen, at L{close} and at reactor
+    shutdown); without one, each line is written as it comes.  Either way every C{write} holds
+    whole lines only, so worker processes appending to the same file (C{O_APPEND}) never split
+    or overwrite each other's lines.
 
     Once a write has failed (a full disk), each ClientConnect is written at once, with what is
     pending, until a write succeeds again: a session whose ClientConnect cannot be recorded is

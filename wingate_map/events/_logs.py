@@ -192,8 +192,8 @@ class ServiceLogObserver:
     the running configuration: after a reload the new level and format apply.
 
     Given a reactor, the info and debug lines of one reactor turn are written (and C{out}
-    flushed) once, at the end of the turn (see L{TurnBatch}: also when 64 KiB are pending, and
-    at reactor shutdown); a warning or worse is written at once, after every line before it.
+    flushed) once, at the end of the turn (see L{TurnBatch}: at most one such write every
+    10 ms; also when 64 KiB are pending, and at reactor shutdown); a warning or worse is written at once, after every line before it.
     Lines logged while the reactor is not running, or from another thread, are written at once.
 
     @ivar journal: whether C{out} is systemd's journal (priority prefixes, no timestamp).
