@@ -444,8 +444,8 @@ def test_kill_from_any_gateway_and_the_cluster_view(cluster):
     assert "127.0.0.7" not in subprocess.run(WINGATEMAP + ["sessions", "--config", b.config], capture_output=True, text=True, env=ENV, timeout=60).stdout
     assert b.api("GET", "/sessions")[1] == []
     assert b.api("DELETE", f"/sessions/{session['session']}") == (200, {"killed": session["session"]})
-    # Confirmed means ended: the event is already written on gw-a.
-    [ended] = [e for e in a.events() if e["event"] == "ClientDisconnect"]
+    # Confirmed means ended: the event is on gw-a's audit log (at its next spaced write).
+    [ended] = wait_until(lambda: [e for e in a.events() if e["event"] == "ClientDisconnect"], "A's ClientDisconnect")
     assert ended["reason"] == "killed" and ended["node"] == "gw-a"
     assert client.line() == b""
     client.close()

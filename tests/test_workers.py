@@ -13,6 +13,7 @@ import pwd
 import signal
 import socket
 import struct
+import time
 
 import pytest
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -218,6 +219,20 @@ def _audit(tmp_path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _lost_in_audit(tmp_path, count, timeout=30.0):
+    """
+    The audit log's ClientDisconnects with reason lost, once there are C{count} (its lines of a
+    busy moment wait for the next spaced write: wingate_map.events._batch); what there is after
+    C{timeout}s otherwise.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        lost = [e for e in _audit(tmp_path) if e["event"] == "ClientDisconnect" and e["reason"] == "lost"]
+        if len(lost) >= count or time.monotonic() > deadline:
+            return lost
+        time.sleep(0.01)
+
+
 class _Gateway:
     """
     wingatemap with workers = 2 under twistd, both processes holding live sessions.
@@ -273,7 +288,7 @@ def test_killed_worker_sessions_end_once_as_lost_and_their_clients_see_a_reset(g
         if c not in on_worker:
             c.sendall(b"ping")
             assert c.recv(4) == b"ping"
-    lost = [e for e in _audit(tmp_path) if e["event"] == "ClientDisconnect" and e["reason"] == "lost"]
+    lost = _lost_in_audit(tmp_path, len(worker_sessions))
     assert sorted(e["session"] for e in lost) == sorted(worker_sessions)
     assert all(e["mapping"] == "m" and e["destination"] == f"127.0.0.1:{gateway.echo.port}" for e in lost)
     metrics = api(gateway.admin, "GET", "/metrics")[1]
