@@ -416,3 +416,81 @@ def test_which_mappings_are_accepted_lean():
     assert not lean(attrs.evolve(plain, proxy_protocol=True))
     assert not lean(attrs.evolve(plain, peek_sni=True))
     assert not lean(attrs.evolve(plain, tls=object()))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_burst_is_accepted_in_one_read_as_twisted_does():
+    """
+    The port's own accept loop takes every connection waiting in one read, each with its own
+    protocol and session number in order and a socket of the listener's family and type, and
+    adapts how many it tries next time as C{Port.doRead} does.
+    """
+    factory = _Factory()
+    port = _listening(factory)
+    port.stopReading()  # accepted only by the doRead calls below
+    clients = [_client(port) for _ in range(3)]
+    try:
+        port.numberAccepts = 100
+        port.doRead()
+        assert [p.transport.sessionno for p in factory.built] == [0, 1, 2]
+        assert {p.transport.peer for p in factory.built} == {c.getsockname() for c in clients}
+        for protocol in factory.built:
+            sock = protocol.transport.socket
+            assert (sock.family, sock.type, sock.gettimeout()) == (socket.AF_INET, socket.SOCK_STREAM, 0.0)
+        assert port.numberAccepts == 3
+        port.doRead()  # nothing waiting
+        assert len(factory.built) == 3 and port.numberAccepts == 1
+        clients.append(_client(port))
+        port.doRead()
+        assert len(factory.built) == 4 and port.numberAccepts == 21  # its limit (1) reached: 20 more
+    finally:
+        for c in clients:
+            c.close()
+        for protocol in factory.built:
+            protocol.transport.abortConnection()
+        yield port.stopListening()
+
+
+class _FailingOnce:
+    """
+    A listening socket whose next C{_accept} fails with C{errno}; everything else is the real
+    socket's.
+    """
+
+    def __init__(self, sock: socket.socket, errno: int) -> None:
+        self._sock = sock
+        self._errno = errno
+
+    def _accept(self):
+        if self._errno:
+            errno, self._errno = self._errno, 0
+            raise OSError(errno, "failing once")
+        return self._sock._accept()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_accept_error_is_left_to_twisted():
+    """
+    An accept that fails otherwise than "none waiting" (here EPERM, which Netfilter can cause)
+    is handled by C{Port.doRead}: the connection waiting is accepted all the same.
+    """
+    import errno
+
+    factory = _Factory()
+    port = _listening(factory)
+    port.stopReading()
+    client = _client(port)
+    real = port.socket
+    try:
+        port.socket = _FailingOnce(real, errno.EPERM)
+        port.doRead()
+        assert len(factory.built) == 1 and factory.built[0].transport.peer == client.getsockname()
+    finally:
+        port.socket = real
+        client.close()
+        for protocol in factory.built:
+            protocol.transport.abortConnection()
+        yield port.stopListening()
