@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import socket
 import struct
+import threading
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -126,6 +128,25 @@ class _Pipes:
 
 
 PIPES = _Pipes()
+
+
+class _Scratch(threading.local):
+    """
+    The read buffer of the pumps running in a thread (a reactor runs in one): a read is sent on
+    from it at once, and what the peer does not take is copied out before the read returns, so
+    every session of every service in the thread shares it, an idle session holds none of it,
+    and a read allocates nothing.  (Per thread, not per process: C{recv_into} lets go of the
+    GIL, so another thread's reactor must not read into the same bytes.)  Anonymous memory,
+    private to the process: it becomes resident only as far as reads reach.
+
+    @ivar view: a memoryview of its READ_SIZE bytes.
+    """
+
+    def __init__(self) -> None:
+        self.view = memoryview(mmap.mmap(-1, READ_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+
+
+_SCRATCH = _Scratch()
 
 
 class IPump(Interface):
@@ -303,13 +324,14 @@ class _Leg:
             if not n:
                 PIPES.put(pipe)
         else:
+            # Into the thread's read buffer (see _Scratch): nothing of it is kept past this call.
+            buffer = pump.buffer
             try:
-                data = sock.recv(size)
+                n = sock.recv_into(buffer, size)
             except OSError as e:
                 if not _is_again(e):
                     pump._reset(self)
                 return
-            n = len(data)
         if not n:
             pump._eof(self)
             return
@@ -328,15 +350,16 @@ class _Leg:
             return
         peer = self.peer
         try:
-            sent = peer.sock.send(data)  # type: ignore[union-attr]
+            sent = peer.sock.send(buffer[:n])  # type: ignore[union-attr]
         except OSError as e:
             if not _is_again(e):
                 pump._reset(peer)
                 return
             sent = 0
         if sent < n:
-            # The peer is slow: keep the rest, stop reading until it is out.
-            peer.out = memoryview(data)[sent:]
+            # The peer is slow: keep a copy of the rest (the buffer is the next read's, maybe
+            # another session's), stop reading until it is out.
+            peer.out = buffer[sent:n].tobytes()
             pump._set_writing(peer, True)
             pump._set_reading(self, False)
         if n == READ_SIZE and _SPLICE is not None:
@@ -399,7 +422,7 @@ class SocketPump:
     @ivar session: the L{wingate_map.sessions.Session} whose byte counts it keeps.
     """
 
-    __slots__ = ("fds", "clock", "session", "owner", "track_idle", "lingers", "last_activity", "ended", "_reset_by", "client", "destination")
+    __slots__ = ("fds", "clock", "session", "owner", "track_idle", "lingers", "last_activity", "ended", "_reset_by", "client", "destination", "buffer")
 
     def __init__(
         self,
@@ -430,6 +453,7 @@ class SocketPump:
             L{_close}); False: they are not, and an orderly close needs no C{setsockopt}.
         """
         self.fds = fds if fds is not None else ReactorDescriptors(reactor)
+        self.buffer = _SCRATCH.view  # this thread's: the pump runs in its reactor's
         self.clock: IReactorTime = reactor
         self.session = session
         self.owner = owner
