@@ -25,7 +25,7 @@ from wingate_map.relay._connect import DirectConnect, Route
 from wingate_map.relay._poller import READ, WRITE, EpollPoller, IDescriptors, ReactorDescriptors, descriptors_for
 from wingate_map.relay._pump import CLIENT, SocketPump
 
-from .test_pump import Owner, _reset, _wait_for_error, _was_reset, at_end, drain, session, tcp_pair
+from .test_pump import Owner, _reset, _wait_for_error, _was_reset, at_end, drain, send_some, session, tcp_pair
 
 
 class Descriptor:
@@ -481,3 +481,37 @@ def test_a_pump_lost_with_the_poller_ends_once_and_closes_both_sockets():
     assert owner.ended == [CLIENT]
     assert pump.client.fileno() == pump.destination.fileno() == -1
     assert _was_reset(client) and _was_reset(destination)
+
+
+def test_sessions_read_in_one_batch_each_keep_their_own_bytes():
+    """
+    The pumps on a poller read into one shared buffer.  Two sessions read in the same batch,
+    one of them with no room at its destination for all of its read; then the other reads
+    again before that rest is out: each destination still gets exactly its own client's bytes.
+    """
+    poller, reactor, _ = recording_poller()
+    sessions = []
+    for _ in range(2):
+        client, client_leg = tcp_pair()
+        destination, destination_leg = tcp_pair()
+        pump = SocketPump(reactor, client_leg, destination_leg, session(), Owner(), fds=poller)
+        pump.start()
+        sessions.append((pump, client, destination))
+    (slow, slow_client, slow_destination), (fast, fast_client, fast_destination) = sessions
+    slow.destination.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    slow_destination.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    payload, noise = os.urandom(4 * 65536), b"\xff" * (4 * 65536)
+    sent = [send_some(slow_client, payload), send_some(fast_client, noise)]
+    poller.doRead()  # one batch: both clients' reads
+    assert slow.held() > 0, "the destination took the whole read: the test proves nothing"
+    assert fast.session.bytes_from_client > 0, "the other session did not read in the same batch"
+    received = [b"", b""]
+    for _ in range(10_000):
+        for i, (_, client, destination) in enumerate(sessions):
+            received[i] += drain(destination)
+            sent[i] += send_some(client, (payload, noise)[i][sent[i] :])
+        run_poller(poller, 1)
+        if received == [payload, noise]:
+            break
+    assert received == [payload, noise]
+    assert (slow.session.bytes_from_client, fast.session.bytes_from_client) == (len(payload), len(noise))

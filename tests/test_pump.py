@@ -15,6 +15,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 
 import pytest
 import pytest_twisted
@@ -375,6 +376,81 @@ def test_a_read_event_while_paused_reads_nothing():
     client.sendall(b"z" * 1000)
     pump.client.doRead()
     assert pump.session.bytes_from_client == 0
+
+
+def send_some(sock: socket.socket, data: bytes) -> int:
+    """
+    Send as much of C{data} as C{sock} takes now (it is non-blocking): how many bytes.
+    """
+    sent = 0
+    for _ in range(1000):
+        try:
+            n = sock.send(data[sent : sent + 65536])
+        except BlockingIOError:
+            break
+        sent += n
+        if sent == len(data):
+            break
+    return sent
+
+
+def finish_sending(reactor, client: socket.socket, destination: socket.socket, payload: bytes, sent: int) -> bytes:
+    """
+    Send the rest of C{payload} (C{sent} bytes of it are sent) from C{client} while the pump
+    runs and C{destination} reads: everything C{destination} receives (bounded).
+    """
+    received = b""
+    for _ in range(10_000):
+        received += drain(destination)
+        sent += send_some(client, payload[sent:])
+        run(reactor, 1)
+        if len(received) >= len(payload):
+            break
+    return received
+
+
+def test_what_a_slow_peer_did_not_take_survives_another_sessions_read():
+    """
+    Every pump in a thread reads into one shared buffer, so an idle session holds none: the
+    part of a read its destination had no room for becomes the session's own copy.  Another
+    session's read right after (into the same buffer) leaves it intact: the slow destination
+    gets exactly its client's bytes, the other one exactly its own.
+    """
+    slow, reactor, _, slow_client, slow_destination = make_pump()
+    other, other_reactor, _, other_client, other_destination = make_pump()
+    assert slow.buffer is other.buffer
+    slow.start()
+    other.start()
+    slow.destination.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    slow_destination.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    payload = os.urandom(4 * 65536)
+    sent = send_some(slow_client, payload)
+    slow.client.doRead()
+    kept = slow.held()
+    assert kept > 0, "the destination took the whole read: the test proves nothing"
+    noise = b"\xff" * READ_SIZE
+    noise_sent = send_some(other_client, noise)
+    other.client.doRead()
+    assert other.session.bytes_from_client >= slow.session.bytes_from_client, "the other read does not reach the kept bytes"
+    assert finish_sending(reactor, slow_client, slow_destination, payload, sent) == payload
+    assert finish_sending(other_reactor, other_client, other_destination, noise, noise_sent) == noise
+    assert (slow.session.bytes_from_client, other.session.bytes_from_client) == (len(payload), len(noise))
+
+
+def test_each_thread_has_its_own_read_buffer():
+    """
+    Pumps running in another thread (another reactor's) read into a buffer of their own:
+    C{recv_into} lets go of the GIL, so two threads must never read into the same bytes.
+    """
+    here, _, _, _, _ = make_pump()
+    there: list = []
+    thread = threading.Thread(target=lambda: there.append(make_pump()[0]))
+    thread.start()
+    thread.join(30)
+    assert there and there[0].buffer is not here.buffer
+    assert make_pump()[0].buffer is here.buffer
+    for pump in (here, there[0]):
+        pump.abort()
 
 
 def test_rate_limit_stops_reading_until_tokens_come():

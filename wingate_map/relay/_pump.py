@@ -4,10 +4,11 @@ The data plane: what moves a session's bytes once both of its legs are ready.
 Two implementations of one interface (L{IPump}):
 
   - L{SocketPump}, for plain TCP legs: it takes both sockets over from Twisted's transports and
-    forwards with its own reactor descriptors.  A read is sent on at once with one C{send};
-    only when the peer's socket buffer is full is the rest kept (at most one read) and the peer
-    registered for writability, and the source stops reading until the peer has drained, so a
-    session never holds more than one read per direction.  A FIN is passed on with
+    forwards with its own reactor descriptors.  A read goes into the thread's read buffer
+    (L{_Scratch}: no allocation per read, no buffer per session) and is sent on at once with one
+    C{send}; only when the peer's socket buffer is full is the rest copied out and kept (at most
+    one read) and the peer registered for writability, and the source stops reading until the
+    peer has drained, so a session never holds more than one read per direction.  A FIN is passed on with
     C{shutdown(SHUT_WR)} once what came before it is sent; a reset (a read or send error, or an
     end of input while the socket has an error pending) resets the other leg too
     (C{SO_LINGER {1, 0}} then close), so a truncated stream never looks complete.  Twisted's
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import socket
 import struct
@@ -136,14 +136,15 @@ class _Scratch(threading.local):
     from it at once, and what the peer does not take is copied out before the read returns, so
     every session of every service in the thread shares it, an idle session holds none of it,
     and a read allocates nothing.  (Per thread, not per process: C{recv_into} lets go of the
-    GIL, so another thread's reactor must not read into the same bytes.)  Anonymous memory,
-    private to the process: it becomes resident only as far as reads reach.
+    GIL, so another thread's reactor must not read into the same bytes.)  Resident from the
+    thread's first pump on: a fixed READ_SIZE per thread, not memory that grows with the first
+    large read.
 
     @ivar view: a memoryview of its READ_SIZE bytes.
     """
 
     def __init__(self) -> None:
-        self.view = memoryview(mmap.mmap(-1, READ_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+        self.view = memoryview(bytearray(READ_SIZE))
 
 
 _SCRATCH = _Scratch()
@@ -580,7 +581,7 @@ class SocketPump:
                     self._reset(leg)
                 return
             if sent < len(out):
-                leg.out = out[sent:]
+                leg.out = memoryview(out)[sent:]  # a view of what it keeps: no copy per send
                 self._set_writing(leg, True)
                 return
             leg.out = b""
