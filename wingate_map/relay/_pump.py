@@ -136,15 +136,21 @@ class _Scratch(threading.local):
     from it at once, and what the peer does not take is copied out before the read returns, so
     every session of every service in the thread shares it, an idle session holds none of it,
     and a read allocates nothing.  (Per thread, not per process: C{recv_into} lets go of the
-    GIL, so another thread's reactor must not read into the same bytes.)  Resident from the
-    thread's first pump on: a fixed READ_SIZE per thread, not memory that grows with the first
-    large read.
-
-    @ivar view: a memoryview of its READ_SIZE bytes.
+    GIL, so another thread's reactor must not read into the same bytes.)  Allocated with the
+    thread's first pump: a fixed READ_SIZE per thread that pumps, not memory that grows with
+    the first large read.
     """
 
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(READ_SIZE))
+    view: memoryview | None = None  # (a class default: every thread starts without one)
+
+    def get(self) -> memoryview:
+        """
+        This thread's buffer (READ_SIZE bytes).
+        """
+        view = self.view
+        if view is None:
+            view = self.view = memoryview(bytearray(READ_SIZE))
+        return view
 
 
 _SCRATCH = _Scratch()
@@ -454,7 +460,7 @@ class SocketPump:
             L{_close}); False: they are not, and an orderly close needs no C{setsockopt}.
         """
         self.fds = fds if fds is not None else ReactorDescriptors(reactor)
-        self.buffer = _SCRATCH.view  # this thread's: the pump runs in its reactor's
+        self.buffer = _SCRATCH.get()  # this thread's: the pump runs in its reactor's
         self.clock: IReactorTime = reactor
         self.session = session
         self.owner = owner
