@@ -454,8 +454,14 @@ def test_systemd_unit_verifies(tmp_path):
         if os.environ.get("CI"):
             pytest.fail("systemd-analyze must be installed in CI")
         pytest.skip("systemd-analyze is not installed")
-    bin_dir = os.path.dirname(shutil.which("twistd") or sys.executable)
+    # The interpreter's own bin directory first (a venv's, where the README installs), then
+    # wherever twistd is on PATH (a pyenv shim directory may come before the venv there).
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.exists(os.path.join(bin_dir, "twistd")):
+        bin_dir = os.path.dirname(shutil.which("twistd") or sys.executable)
     if not os.path.exists(os.path.join(bin_dir, "wingatemap")):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs wingatemap (README): no wingatemap command next to twistd in {bin_dir}")
         pytest.skip(f"no wingatemap command next to twistd in {bin_dir}")
     text = open(os.path.join(EXAMPLES, "wingatemap.service")).read()
     unit = tmp_path / "wingatemap.service"
